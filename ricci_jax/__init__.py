@@ -4,7 +4,7 @@ The public API is what this module exports; everything else lives in clearly
 named modules (``ricci_jax.quantizers``, ``ricci_jax.estimators``, ...).
 """
 
-from ricci_jax import estimators, layers, quantizers, schedules
+from ricci_jax import estimators, layers, lne, quantizers, ricci_flow, schedules, transform
 from ricci_jax.config import QuantConfig, TensorQuant
 from ricci_jax.estimators import ESTIMATORS
 from ricci_jax.layers import (
@@ -15,6 +15,8 @@ from ricci_jax.layers import (
     quantized_kernels,
     set_quant_hparams,
 )
+from ricci_jax.ricci_flow import Shifts, translated_grads
+from ricci_jax.transform import rf_sgd, scale_by_lne, scale_by_ricci_flow
 from ricci_jax.quantizers import (
     binarize,
     binary_scale,
@@ -33,17 +35,25 @@ __all__ = [
     "QuantConvGeneralDilated",
     "QuantDense",
     "QuantDotGeneral",
+    "Shifts",
     "TensorQuant",
     "binarize",
     "binary_scale",
     "dorefa_weights",
     "estimators",
     "layers",
+    "lne",
     "quantized_kernels",
     "quantizers",
+    "rf_sgd",
+    "ricci_flow",
     "ridge_dequantize",
+    "scale_by_lne",
+    "scale_by_ricci_flow",
     "schedules",
     "set_quant_hparams",
     "staircase_relu",
+    "transform",
+    "translated_grads",
     "uniform",
 ]

@@ -1,0 +1,287 @@
+"""The discrete Ricci flow of RF-DNN (Chen et al., arXiv 2302.03390, §6).
+
+Per quantized layer, the metric is measured under four input translations:
+vertical shifts k1, k2 and horizontal shifts j1, j2 (Fig. 5). Each translated
+batch gives a gradient g_s, a *tentative* weight update and its metric
+(Eqs. 31-32, §6.4)::
+
+    g|s = I - t_s t_s^T,     t_s = tanh(tau (W - eta * natural_gradient(W, g_s))).
+
+The tentative weights are discarded; they only define the flow's constraint.
+
+Curvature (Eq. 32)::      -2 Ric(g) = (g|k1 - g|k2)/(k1 - k2) - (g|j1 - g|j2)/(j1 - j2)
+Discrete flow (Eq. 34):   g(t+1)|k1 - g(t)|k1 = -2 Ric(g(t)),   g(0)|k1 = I - t0 t0^T
+Residual N (Eq. 35):      N = || g(t+1)|k1 - g(t)|k1 - (-2 Ric(g(t))) ||_F^2
+Gate (Eq. 36):            the layer's natural gradient is multiplied by 1[N <= epsilon].
+
+Every metric is I - u u^T, and the identities cancel in all three
+expressions, so each is a weighted sum of outer products ``sum_m c_m u_m u_m^T``
+(:class:`Rank1Sum`) whose squared Frobenius norm is ``c^T (U U^T o U U^T) c``:
+O(M^2 n) for M outer products, never O(n^2).
+
+**Which metrics enter Eq. 34** is left open by the paper (notes, ambiguity A4).
+``reading`` selects:
+
+* ``"lag"`` (default, A4 (ii)): g(t)|s are the previous step's tentative
+  metrics, kept in the optimizer state; g(t+1)|k1 is this step's tentative k1
+  metric. At step 0 every g(0)|s is I - t0 t0^T.
+* ``"current"`` (A4 (i)): g(t)|s are all the metric of the current weights, so
+  the curvature vanishes and N only penalises the tentative k1 step's change.
+* ``"two_step"`` (A4 (iii), approximated): g(t)|s are this step's tentative
+  metrics and g(t+1)|k1 that of a second tentative step on the k1 batch, which
+  reuses the k1 gradient instead of computing a fresh one at W_k1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ricci_jax import lne
+
+Array = jax.Array
+
+READINGS = ("lag", "current", "two_step")
+TRANSLATION_MODES = ("roll", "pad")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shifts:
+  """The four input translations in whole pixels: vertical k1, k2 and horizontal j1, j2.
+
+  Defaults +1 / -1 (the paper only says the differences stay under 4 pixels).
+  Order everywhere: (k1, k2, j1, j2).
+  """
+
+  k1: int = 1
+  k2: int = -1
+  j1: int = 1
+  j2: int = -1
+
+  def __post_init__(self):
+    for name in ("k1", "k2", "j1", "j2"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"shift {name} must be a whole number of pixels, got {v!r}")
+    if self.k1 == self.k2 or self.j1 == self.j2:
+      raise ValueError(f"k1 != k2 and j1 != j2 are required (finite differences), got {self}")
+    if abs(self.k1 - self.k2) >= 4 or abs(self.j1 - self.j2) >= 4:
+      raise ValueError(f"|k1 - k2| and |j1 - j2| must stay under 4 pixels (RF-DNN §6.1), got {self}")
+
+  @property
+  def dk(self) -> int:
+    return self.k1 - self.k2
+
+  @property
+  def dj(self) -> int:
+    return self.j1 - self.j2
+
+  def as_pixels(self) -> tuple[tuple[int, int], ...]:
+    """(dy, dx) of each translation in the order k1, k2, j1, j2."""
+    return ((self.k1, 0), (self.k2, 0), (0, self.j1), (0, self.j2))
+
+
+def translate(images: Array, dy: int, dx: int, mode: str = "roll") -> Array:
+  """Translates NHWC ``images`` by whole pixels (``dy`` down, ``dx`` right).
+
+  ``roll`` wraps around; ``pad`` pads with zeros and crops (content shifted out
+  is lost).
+  """
+  if mode not in TRANSLATION_MODES:
+    raise ValueError(f"unknown translation mode {mode!r}; valid: {', '.join(TRANSLATION_MODES)}")
+  if images.ndim != 4:
+    raise ValueError(f"translate expects NHWC images, got shape {images.shape}")
+  if mode == "roll":
+    return jnp.roll(images, (dy, dx), axis=(1, 2))
+  h, w = images.shape[1:3]
+  py, px = abs(dy), abs(dx)
+  padded = jnp.pad(images, ((0, 0), (py, py), (px, px), (0, 0)))
+  return padded[:, py - dy: py - dy + h, px - dx: px - dx + w, :]
+
+
+def subsample(batch: Any, fraction: float) -> Any:
+  """Every ``round(1/fraction)``-th example of every array in ``batch`` (leading axis).
+
+  Strided rather than a prefix, so a batch split evenly across devices selects
+  the same examples as on one device.
+  """
+  if not 0 < fraction <= 1:
+    raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+  stride = max(1, round(1.0 / fraction))
+  return jax.tree.map(lambda x: x[::stride], batch)
+
+
+def translated_grads(
+    loss_fn: Callable[[Any, Any], Array],
+    params: Any,
+    batch: Mapping[str, Array],
+    shifts: Shifts = Shifts(),
+    fraction: float = 0.125,
+    *,
+    image_key: str = "image",
+    mode: str = "roll",
+    axis_name: str | None = None,
+) -> Any:
+  """The four gradients on the translated batches, in one batched (vmap) pass.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar``; the gradients are those of
+      its value with respect to ``params`` (through each quantizer's
+      estimator, so for a quantized kernel: the STE gradient).
+    params: the parameters.
+    batch: a mapping whose ``image_key`` entry holds NHWC images; other
+      entries (labels, ...) are subsampled alongside and passed unchanged.
+    shifts: the translations.
+    fraction: the share of the batch used (strided, :func:`subsample`);
+      1 is the paper's cost (four extra forward-backward passes).
+    image_key: where the images are in ``batch``.
+    mode: ``"roll"`` or ``"pad"`` (:func:`translate`).
+    axis_name: under ``pmap``, the gradients are averaged over this axis.
+
+  Returns:
+    A tree like ``params`` whose leaves have a leading axis of 4, in the order
+    (k1, k2, j1, j2). No gradient flows back through these tentative passes.
+  """
+  if image_key not in batch:
+    raise ValueError(f"batch has no {image_key!r} entry (keys: {sorted(batch)})")
+  small = subsample(batch, fraction)
+  images = small[image_key]
+  stacked = jnp.stack([translate(images, dy, dx, mode) for dy, dx in shifts.as_pixels()])
+
+  def one(imgs):
+    return jax.grad(loss_fn)(params, {**small, image_key: imgs})
+
+  grads = jax.vmap(one)(stacked)
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+  return jax.lax.stop_gradient(grads)
+
+
+# ----------------------------------------------------------------------------
+# Rank-1 algebra.
+# ----------------------------------------------------------------------------
+
+
+class Rank1Sum(NamedTuple):
+  """The symmetric matrix ``sum_m coeffs[m] * outer(vectors[m], vectors[m])``."""
+
+  coeffs: Array  # (M,)
+  vectors: Array  # (M, n)
+
+  def frobenius_sq(self) -> Array:
+    """``||sum_m c_m u_m u_m^T||_F^2 = c^T (G o G) c`` with the Gram matrix G = U U^T: O(M^2 n)."""
+    gram = self.vectors @ self.vectors.T
+    return self.coeffs @ (gram * gram) @ self.coeffs
+
+  def dense(self) -> Array:
+    """The n x n matrix (a reference for tests)."""
+    return jnp.einsum("m,mi,mj->ij", self.coeffs, self.vectors, self.vectors)
+
+
+def tentative_vectors(
+    w: Array, shift_grads: Array, tau: Array, flow_step: Array, approx: str = "weak"
+) -> Array:
+  """t_s = tanh(tau (W - eta g^-1 g_s)) for each shift: the metrics g|s = I - t_s t_s^T.
+
+  Args:
+    w: latent weights of one layer.
+    shift_grads: the four translated gradients, shape (4, *w.shape).
+    tau: the metric's tau.
+    flow_step: eta, the tentative step size.
+    approx: the inverse used for the tentative natural gradient.
+
+  Returns:
+    (4, n) float32: one row per shift, order (k1, k2, j1, j2). The tentative
+    step is held constant (stop_gradient); the result depends on ``w`` only
+    through ``tanh(tau w)``.
+  """
+  steps = jax.vmap(lambda g: lne.natural_gradient(w, g, tau, approx))(shift_grads)
+  steps = jax.lax.stop_gradient(flow_step * steps.reshape(4, -1).astype(jnp.float32))
+  return jnp.tanh(tau * (jnp.ravel(w).astype(jnp.float32)[None] - steps))
+
+
+def curvature(tk1: Array, tk2: Array, tj1: Array, tj2: Array, shifts: Shifts = Shifts()) -> Rank1Sum:
+  r"""-2 Ric(g) of Eq. 32 for metrics I - t t^T, as a :class:`Rank1Sum`.
+
+  :math:`\frac{g|_{k1} - g|_{k2}}{k_1-k_2} - \frac{g|_{j1} - g|_{j2}}{j_1-j_2}
+  = \frac{-t_{k1}t_{k1}^T + t_{k2}t_{k2}^T}{\Delta k} + \frac{t_{j1}t_{j1}^T - t_{j2}t_{j2}^T}{\Delta j}`.
+  """
+  dk, dj = float(shifts.dk), float(shifts.dj)
+  coeffs = jnp.array([-1.0 / dk, 1.0 / dk, 1.0 / dj, -1.0 / dj], jnp.float32)
+  return Rank1Sum(coeffs, jnp.stack([tk1, tk2, tj1, tj2]))
+
+
+def flow_residual(t_next_k1: Array, previous: Array, shifts: Shifts = Shifts()) -> Rank1Sum:
+  r"""The residual of the discrete Ricci flow (Eq. 34), whose squared norm is N (Eq. 35).
+
+  :math:`R = g(t+1)|_{k1} - g(t)|_{k1} - (-2\,\mathrm{Ric}(g(t)))` with
+  g(t+1)|k1 = I - a a^T (``a = t_next_k1``) and g(t)|s = I - u_s u_s^T
+  (``previous = [u_k1, u_k2, u_j1, u_j2]``); the identities cancel::
+
+      R = -a a^T + (1 + 1/dk) u_k1 u_k1^T - (1/dk) u_k2 u_k2^T
+                 - (1/dj) u_j1 u_j1^T + (1/dj) u_j2 u_j2^T
+  """
+  dk, dj = float(shifts.dk), float(shifts.dj)
+  coeffs = jnp.array([-1.0, 1.0 + 1.0 / dk, -1.0 / dk, -1.0 / dj, 1.0 / dj], jnp.float32)
+  return Rank1Sum(coeffs, jnp.concatenate([t_next_k1[None], previous], axis=0))
+
+
+def flow_residual_dense(t_next_k1: Array, previous: Array, shifts: Shifts = Shifts()) -> Array:
+  """Eq. 34's residual built from dense n x n metrics, literally as printed (test reference)."""
+  n = t_next_k1.size
+  metric = lambda t: jnp.eye(n, dtype=t.dtype) - jnp.outer(t, t)  # noqa: E731
+  gk1, gk2, gj1, gj2 = (metric(u) for u in previous)
+  ricci = (gk1 - gk2) / shifts.dk - (gj1 - gj2) / shifts.dj
+  return metric(t_next_k1) - gk1 - ricci
+
+
+def flow_vectors(
+    w: Array, shift_grads: Array, previous: Array, tau: Array, flow_step: Array,
+    approx: str = "weak", reading: str = "lag",
+) -> tuple[Array, Array, Array]:
+  """The vectors entering Eq. 34 under ``reading``, as functions of ``w``.
+
+  Returns:
+    ``(t_next_k1, t_prev, to_store)``: g(t+1)|k1's vector, the four g(t)|s
+    vectors, and the four vectors to keep in the state for the next step.
+  """
+  tentative = tentative_vectors(w, shift_grads, tau, flow_step, approx)
+  if reading == "lag":
+    return tentative[0], previous, tentative
+  if reading == "current":
+    t = lne.metric_vector(w, tau)
+    return tentative[0], jnp.broadcast_to(t, tentative.shape), tentative
+  if reading == "two_step":
+    k1_step = jax.lax.stop_gradient(
+        flow_step * jnp.ravel(lne.natural_gradient(w, shift_grads[0], tau, approx)).astype(jnp.float32))
+    t_next = jnp.tanh(tau * (jnp.ravel(w).astype(jnp.float32) - 2.0 * k1_step))
+    return t_next, tentative, tentative
+  raise ValueError(f"unknown reading {reading!r}; valid: {', '.join(READINGS)}")
+
+
+def residual_norm(
+    w: Array, shift_grads: Array, previous: Array, tau: Array, flow_step: Array,
+    approx: str = "weak", reading: str = "lag", shifts: Shifts = Shifts(), normalize: bool = False,
+) -> tuple[Array, Array]:
+  """N of Eq. 35 for one layer, and the vectors to store for the next step.
+
+  Differentiable in ``w`` through ``tanh(tau w)`` only (the tentative steps and
+  ``tau`` are held constant): ``jax.grad`` of this gives the regulariser's
+  gradient. ``normalize`` divides N by n (not in the paper; ambiguity A5).
+  """
+  t_next, t_prev, store = flow_vectors(w, shift_grads, previous, tau, flow_step, approx, reading)
+  n = flow_residual(t_next, t_prev, shifts).frobenius_sq()
+  if normalize:
+    n = n / w.size
+  return n, store
+
+
+def initial_previous(w: Array, tau: Array) -> Array:
+  """g(0)|s = I - t0 t0^T for every shift (the initial condition of Eq. 34): shape (4, n)."""
+  t0 = lne.metric_vector(w, tau)
+  return jnp.broadcast_to(t0, (4, t0.size))
+

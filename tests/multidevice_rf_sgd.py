@@ -1,0 +1,106 @@
+"""Two-device checks for rf_sgd, run by tests/test_multidevice.py in a subprocess.
+
+XLA_FLAGS=--xla_force_host_platform_device_count=2 must be set before jax is
+imported, so this file runs as its own process and exits non-zero on failure.
+"""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+import ricci_jax as rj  # noqa: E402
+
+assert jax.device_count() == 2, jax.devices()
+
+W1 = rj.QuantConfig(weight=rj.TensorQuant(bits=1))
+
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3), name="first")(x))
+    x = nn.relu(rj.QuantConv(6, (3, 3), quant=W1, name="mid")(x))
+    x = rj.QuantDense(8, quant=W1, name="hidden")(x.reshape(x.shape[0], -1))
+    return nn.Dense(3, name="last")(nn.relu(x))
+
+
+model = Net()
+x = jax.random.normal(jax.random.key(0), (16, 8, 8, 2))
+y = jax.random.randint(jax.random.key(1), (16,), 0, 3)
+batch = {"image": x, "label": y}
+params = model.init(jax.random.key(2), x)["params"]
+mask = rj.layers.quantized_kernel_mask(params, rj.quantized_kernels(model, x))
+
+
+def loss_fn(p, b):
+  logits = model.apply({"params": p}, b["image"])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, b["label"]).mean()
+
+
+def make_step(tx, axis_name=None):
+  def step(p, state, b):
+    grads = jax.grad(loss_fn)(p, b)
+    shifted = rj.translated_grads(loss_fn, p, b, fraction=0.5, axis_name=axis_name)
+    if axis_name is not None:
+      grads = jax.lax.pmean(grads, axis_name)
+    updates, state = tx.update(grads, state, p, translated_grads=shifted)
+    return optax.apply_updates(p, updates), state
+  return step
+
+
+def run(step, p, state, batches):
+  for b in batches:
+    p, state = step(p, state, b)
+  return p, state
+
+
+def assert_close(a, b, what):
+  for la, lb in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(la), np.asarray(lb), rtol=2e-5, atol=2e-6, err_msg=what)
+
+
+tx = rj.rf_sgd(0.1, quantized=mask, alpha=100.0)
+batches = [batch, jax.tree.map(lambda v: v[::-1], batch)]
+
+# One device, global batch.
+ref_params, ref_state = run(jax.jit(make_step(tx)), params, tx.init(params), batches)
+
+# Data parallel with jit and a NamedSharding mesh: same update, state shardings unchanged.
+mesh = Mesh(np.array(jax.devices()), ("data",))
+replicated = NamedSharding(mesh, P())
+data = NamedSharding(mesh, P("data"))
+state0 = jax.device_put(tx.init(params), replicated)
+p0 = jax.device_put(params, replicated)
+sharded_batches = [jax.device_put(b, data) for b in batches]
+step = jax.jit(make_step(tx), in_shardings=(replicated, replicated, data), out_shardings=(replicated, replicated))
+p_sh, s_sh = run(step, p0, state0, sharded_batches)
+assert_close(p_sh, ref_params, "jit+NamedSharding params")
+assert_close(s_sh, ref_state, "jit+NamedSharding state")
+before = jax.tree.map(lambda v: (v.shape, v.dtype, v.sharding), state0)
+after = jax.tree.map(lambda v: (v.shape, v.dtype, v.sharding), s_sh)
+assert before == after, "optimizer state shapes, dtypes or shardings changed"
+
+# pmap with an axis name: translated grads and grads averaged, N averaged.
+tx_p = rj.rf_sgd(0.1, quantized=mask, alpha=100.0, axis_name="data")
+pstep = jax.pmap(make_step(tx_p, axis_name="data"), axis_name="data")
+rep = lambda t: jax.tree.map(lambda v: jnp.stack([v, v]), t)  # noqa: E731
+split = lambda b: jax.tree.map(lambda v: v.reshape((2, v.shape[0] // 2) + v.shape[1:]), b)  # noqa: E731
+p_pm, s_pm = run(pstep, rep(params), rep(tx_p.init(params)), [split(b) for b in batches])
+first = lambda t: jax.tree.map(lambda v: v[0], t)  # noqa: E731
+assert_close(first(p_pm), ref_params, "pmap params")
+assert_close(jax.tree.map(lambda v: v[1], p_pm), ref_params, "pmap params, device 1")
+assert_close(first(s_pm), ref_state, "pmap state")
+diag = rj.transform.summarize_diagnostics(first(s_pm))
+assert float(diag["ricci/residual_mean"]) > 0
+
+print("two-device rf_sgd checks passed")
+sys.exit(0)

@@ -1,0 +1,188 @@
+"""The discrete Ricci flow: rank-1 algebra against dense matrices, translations, translated gradients."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import ricci_jax as rj
+from ricci_jax import lne, ricci_flow
+from ricci_jax.ricci_flow import Shifts
+
+
+def _vectors(key, m, n, scale=0.3):
+  return jnp.tanh(jax.random.normal(jax.random.key(key), (m, n)) * scale)
+
+
+@pytest.mark.parametrize("shifts", [Shifts(), Shifts(2, -1, 1, -2), Shifts(0, 3, -1, 1)])
+@pytest.mark.parametrize("n", [5, 40, 300])
+def test_rank1_residual_norm_equals_the_dense_norm(shifts, n):
+  vecs = _vectors(n, 5, n)
+  rank1 = ricci_flow.flow_residual(vecs[0], vecs[1:], shifts).frobenius_sq()
+  dense = jnp.sum(ricci_flow.flow_residual_dense(vecs[0], vecs[1:], shifts) ** 2)
+  np.testing.assert_allclose(rank1, dense, rtol=1e-5)
+  np.testing.assert_allclose(ricci_flow.flow_residual(vecs[0], vecs[1:], shifts).dense(),
+                             ricci_flow.flow_residual_dense(vecs[0], vecs[1:], shifts), atol=1e-6)
+
+
+def test_curvature_matches_eq32_with_dense_metrics():
+  shifts = Shifts(1, -2, 2, -1)
+  tk1, tk2, tj1, tj2 = _vectors(1, 4, 30)
+  g = lambda t: jnp.eye(30) - jnp.outer(t, t)  # noqa: E731
+  dense = (g(tk1) - g(tk2)) / shifts.dk - (g(tj1) - g(tj2)) / shifts.dj
+  rank1 = ricci_flow.curvature(tk1, tk2, tj1, tj2, shifts)
+  np.testing.assert_allclose(rank1.dense(), dense, atol=1e-6)
+  np.testing.assert_allclose(rank1.frobenius_sq(), jnp.sum(dense**2), rtol=1e-5)
+
+
+def test_residual_with_identical_metrics_and_no_change_is_zero():
+  t = _vectors(2, 1, 20)[0]
+  prev = jnp.broadcast_to(t, (4, 20))
+  assert float(ricci_flow.flow_residual(t, prev).frobenius_sq()) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_translate_roll_and_pad():
+  img = jnp.arange(16.0).reshape(1, 4, 4, 1)
+  down = ricci_flow.translate(img, 1, 0, "roll")
+  np.testing.assert_array_equal(down[0, 1:, :, 0], img[0, :-1, :, 0])
+  np.testing.assert_array_equal(down[0, 0, :, 0], img[0, -1, :, 0])
+  left = ricci_flow.translate(img, 0, -1, "pad")
+  np.testing.assert_array_equal(left[0, :, :-1, 0], img[0, :, 1:, 0])
+  np.testing.assert_array_equal(left[0, :, -1, 0], 0)
+  np.testing.assert_array_equal(ricci_flow.translate(img, 2, -1, "pad")[0, :2], 0)
+  with pytest.raises(ValueError, match="valid: roll, pad"):
+    ricci_flow.translate(img, 1, 0, "wrap")
+  with pytest.raises(ValueError, match="NHWC"):
+    ricci_flow.translate(img[0], 1, 0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(k1=1, k2=1), "k1 != k2"),
+    (dict(j1=2, j2=-2), "under 4 pixels"),
+    (dict(k1=1.5), "whole number"),
+])
+def test_bad_shifts(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    Shifts(**kwargs)
+
+
+class _Tiny(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = rj.QuantConv(3, (3, 3), quant=rj.QuantConfig(weight=rj.TensorQuant()), name="conv")(x)
+    return nn.Dense(4, name="head")(x.reshape(x.shape[0], -1))
+
+
+def _tiny_setup():
+  model = _Tiny()
+  x = jax.random.normal(jax.random.key(0), (16, 6, 6, 2))
+  y = jax.random.randint(jax.random.key(1), (16,), 0, 4)
+  params = model.init(jax.random.key(2), x)["params"]
+
+  def loss_fn(p, batch):
+    logits = model.apply({"params": p}, batch["image"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+  return params, {"image": x, "label": y}, loss_fn
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.25])
+def test_translated_grads_equal_four_separate_gradients(fraction):
+  params, batch, loss_fn = _tiny_setup()
+  shifts = Shifts(1, -1, 2, -1)
+  got = ricci_flow.translated_grads(loss_fn, params, batch, shifts, fraction)
+  stride = round(1 / fraction)
+  small = {k: v[::stride] for k, v in batch.items()}
+  for i, (dy, dx) in enumerate(shifts.as_pixels()):
+    moved = {**small, "image": jnp.roll(small["image"], (dy, dx), axis=(1, 2))}
+    want = jax.grad(loss_fn)(params, moved)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-6)
+  assert all(leaf.shape[0] == 4 for leaf in jax.tree.leaves(got))
+
+
+def test_no_gradient_flows_back_through_the_translated_passes():
+  params, batch, loss_fn = _tiny_setup()
+  g = jax.grad(lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(ricci_flow.translated_grads(loss_fn, p, batch))))(params)
+  assert all(float(jnp.max(jnp.abs(leaf))) == 0.0 for leaf in jax.tree.leaves(g))
+
+
+def test_subsample_is_strided_and_validated():
+  np.testing.assert_array_equal(ricci_flow.subsample({"a": jnp.arange(16)}, 0.25)["a"], [0, 4, 8, 12])
+  for bad in (0.0, 1.5):
+    with pytest.raises(ValueError, match="fraction"):
+      ricci_flow.subsample({"a": jnp.arange(4)}, bad)
+  with pytest.raises(ValueError, match="no 'image' entry"):
+    ricci_flow.translated_grads(lambda p, b: 0.0, {}, {"x": jnp.ones((2, 3, 3, 1))})
+
+
+def test_tentative_vectors_follow_eqs_31_32():
+  w = jax.random.normal(jax.random.key(3), (5, 4)) * 0.4
+  g4 = jax.random.normal(jax.random.key(4), (4, 5, 4))
+  tau, eta = jnp.float32(0.3), jnp.float32(0.1)
+  got = ricci_flow.tentative_vectors(w, g4, tau, eta, "weak")
+  for s in range(4):
+    want = np.tanh(0.3 * (np.asarray(w) - 0.1 * np.asarray(lne.natural_gradient(w, g4[s], 0.3, "weak")))).ravel()
+    np.testing.assert_allclose(got[s], want, rtol=1e-5, atol=1e-6)
+
+
+def _dense_n(w, g4, prev, tau, eta, shifts):
+  """N from dense matrices, the tentative step held fixed: a reference for value and gradient."""
+  steps = jax.lax.stop_gradient(jnp.stack([eta * lne.natural_gradient(w, g4[s], tau).ravel() for s in range(4)]))
+  a = jnp.tanh(tau * (w.ravel() - steps[0]))
+  return jnp.sum(ricci_flow.flow_residual_dense(a, prev, shifts) ** 2)
+
+
+def test_residual_norm_value_and_gradient_against_dense():
+  w = jax.random.normal(jax.random.key(5), (6, 5)) * 0.5
+  g4 = jax.random.normal(jax.random.key(6), (4, 6, 5))
+  prev = _vectors(7, 4, 30)
+  tau, eta, shifts = jnp.float32(0.25), jnp.float32(0.5), Shifts()
+  (n, store), grad = jax.value_and_grad(ricci_flow.residual_norm, has_aux=True)(w, g4, prev, tau, eta, shifts=shifts)
+  n_dense, grad_dense = jax.value_and_grad(_dense_n)(w, g4, prev, tau, eta, shifts)
+  np.testing.assert_allclose(n, n_dense, rtol=1e-5)
+  np.testing.assert_allclose(grad, grad_dense, rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(store, ricci_flow.tentative_vectors(w, g4, tau, eta), rtol=1e-6)
+  assert float(n) > 0
+
+
+def test_readings():
+  w = jax.random.normal(jax.random.key(8), (20,)) * 0.5
+  g4 = jax.random.normal(jax.random.key(9), (4, 20))
+  prev = _vectors(10, 4, 20)
+  tau, eta = jnp.float32(0.3), jnp.float32(0.2)
+  tent = ricci_flow.tentative_vectors(w, g4, tau, eta)
+  # current: all g(t)|s are the current metric, the curvature vanishes
+  n_cur, _ = ricci_flow.residual_norm(w, g4, prev, tau, eta, reading="current")
+  t = lne.metric_vector(w, tau)
+  np.testing.assert_allclose(n_cur, jnp.sum((jnp.outer(t, t) - jnp.outer(tent[0], tent[0])) ** 2), rtol=1e-5)
+  # lag uses the stored previous vectors; two_step ignores them
+  n_lag, _ = ricci_flow.residual_norm(w, g4, prev, tau, eta, reading="lag")
+  n_two, _ = ricci_flow.residual_norm(w, g4, prev, tau, eta, reading="two_step")
+  n_two_b, _ = ricci_flow.residual_norm(w, g4, prev * 0.5, tau, eta, reading="two_step")
+  assert float(n_lag) != float(n_two) and float(n_two) == float(n_two_b)
+  with pytest.raises(ValueError, match="valid: lag, current, two_step"):
+    ricci_flow.residual_norm(w, g4, prev, tau, eta, reading="future")
+
+
+def test_initial_condition_is_the_current_metric_for_every_shift():
+  w = jax.random.normal(jax.random.key(11), (3, 4))
+  prev = ricci_flow.initial_previous(w, jnp.float32(0.2))
+  assert prev.shape == (4, 12)
+  np.testing.assert_allclose(prev, np.broadcast_to(np.tanh(0.2 * np.asarray(w).ravel()), (4, 12)), rtol=1e-6)
+
+
+def test_residual_norm_costs_linear_memory():
+  """N for a 1e6-weight layer runs without ever building a 1e6 x 1e6 matrix."""
+  n = 1_000_000
+  w = jax.random.normal(jax.random.key(12), (n,)) * 0.01
+  g4 = jax.random.normal(jax.random.key(13), (4, n))
+  prev = ricci_flow.initial_previous(w, lne.auto_tau(w))
+  compiled = jax.jit(ricci_flow.residual_norm).lower(w, g4, prev, lne.auto_tau(w), jnp.float32(0.1)).compile()
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    assert mem.temp_size_in_bytes < 200 * n  # a few (4, n) float32 buffers, not n^2
+  value, _ = compiled(w, g4, prev, lne.auto_tau(w), jnp.float32(0.1))
+  assert np.isfinite(float(value))

@@ -1,0 +1,301 @@
+"""RF-DNN optax transformations: the update's numbers, routing, and optax's contract."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import ricci_jax as rj
+from ricci_jax import lne, ricci_flow, transform
+
+
+def _problem(dtype=jnp.float32, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 8)
+  params = {
+      "conv": {"kernel": jax.random.normal(keys[0], (3, 3, 2, 4)) * 0.3, "bias": jnp.zeros(4)},
+      "dense": {"kernel": jax.random.normal(keys[1], (8, 3)) * 0.3},
+  }
+  grads = jax.tree.map(lambda p, k: jax.random.normal(k, p.shape), params,
+                       {"conv": {"kernel": keys[2], "bias": keys[3]}, "dense": {"kernel": keys[4]}})
+  shifted = jax.tree.map(lambda p, k: jax.random.normal(k, (4,) + p.shape), params,
+                         {"conv": {"kernel": keys[5], "bias": keys[6]}, "dense": {"kernel": keys[7]}})
+  cast = lambda t: jax.tree.map(lambda x: x.astype(dtype), t)  # noqa: E731
+  return cast(params), cast(grads), cast(shifted)
+
+
+KERNELS_ONLY = {"conv": {"kernel": True, "bias": False}, "dense": {"kernel": True}}
+
+
+def _kernels(tree):
+  return {"conv": {"kernel": tree["conv"]["kernel"]}, "dense": {"kernel": tree["dense"]["kernel"]}}
+
+
+# ---------------------------------------------------------------------------
+# The update's numbers.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("approx", ["weak", "exact", "diagonal", "none"])
+def test_scale_by_lne_is_the_natural_gradient_per_layer(approx):
+  params, grads, _ = _problem()
+  params, grads = _kernels(params), _kernels(grads)
+  tx = rj.scale_by_lne(tau="auto", approx=approx)
+  updates, state = tx.update(grads, tx.init(params), params)
+  for key in ("conv", "dense"):
+    w, d = params[key]["kernel"], grads[key]["kernel"]
+    np.testing.assert_allclose(updates[key]["kernel"], lne.natural_gradient(w, d, "auto", approx), rtol=1e-6)
+    diag = state.diagnostics[key]["kernel"]
+    np.testing.assert_allclose(diag.s, jnp.sum(lne.metric_vector(w, lne.auto_tau(w)) ** 2), rtol=1e-5)
+  with pytest.raises(ValueError, match="needs the current params"):
+    tx.update(grads, tx.init(params))
+
+
+def _manual_ricci_update(w, d, shifted, prev, alpha, eta, approx="weak"):
+  tau = lne.auto_tau(w)
+  (n, store), grad_n = jax.value_and_grad(ricci_flow.residual_norm, has_aux=True)(w, shifted, prev, tau, eta, approx)
+  return lne.natural_gradient(w, d + alpha * grad_n, tau, approx), n, store
+
+
+def test_scale_by_ricci_flow_update_matches_algorithm_2_by_hand():
+  params, grads, shifted = map(_kernels, _problem())
+  alpha, eta = 50.0, 0.3
+  tx = rj.scale_by_ricci_flow(alpha=alpha, flow_step=eta)
+  state = tx.init(params)
+  for step in range(2):  # the second step uses the stored tentative metrics
+    updates, new_state = tx.update(grads, state, params, translated_grads=shifted)
+    for key in ("conv", "dense"):
+      w, d, s4 = params[key]["kernel"], grads[key]["kernel"], shifted[key]["kernel"]
+      prev = state.previous[key]["kernel"]
+      want, n, store = _manual_ricci_update(w, d, s4, prev, alpha, eta)
+      np.testing.assert_allclose(updates[key]["kernel"], want, rtol=2e-5, atol=1e-7)
+      diag = new_state.diagnostics[key]["kernel"]
+      np.testing.assert_allclose(diag.residual, n, rtol=1e-5)
+      assert float(diag.gate) == 1.0 and float(diag.regularizer) > 0
+      np.testing.assert_allclose(new_state.previous[key]["kernel"], store, rtol=1e-6)
+    assert int(new_state.count) == step + 1
+    state = new_state
+    params = jax.tree.map(lambda p, u: p - 0.1 * u, params, updates)
+
+
+def test_initial_state_is_the_initial_condition_of_eq34():
+  params, _, _ = map(_kernels, _problem())
+  state = rj.scale_by_ricci_flow().init(params)
+  w = params["dense"]["kernel"]
+  np.testing.assert_allclose(state.previous["dense"]["kernel"],
+                             ricci_flow.initial_previous(w, lne.auto_tau(w)), rtol=1e-6)
+
+
+def test_without_regulariser_and_gate_it_is_scale_by_lne():
+  params, grads, shifted = map(_kernels, _problem())
+  ricci = rj.scale_by_ricci_flow(alpha=0.0, epsilon=float("inf"))
+  u1, _ = ricci.update(grads, ricci.init(params), params, translated_grads=shifted)
+  lnet = rj.scale_by_lne()
+  u2, _ = lnet.update(grads, lnet.init(params), params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u1, u2)
+
+
+def test_the_gate_closes_a_layer_whose_residual_exceeds_epsilon():
+  params, grads, shifted = map(_kernels, _problem())
+  probe = rj.scale_by_ricci_flow(alpha=0.0)
+  _, st = probe.update(grads, probe.init(params), params, translated_grads=shifted)
+  n_conv = float(st.diagnostics["conv"]["kernel"].residual)
+  n_dense = float(st.diagnostics["dense"]["kernel"].residual)
+  assert n_conv != n_dense
+  eps = (n_conv + n_dense) / 2
+  tx = rj.scale_by_ricci_flow(alpha=0.0, epsilon=eps)
+  updates, state = tx.update(grads, tx.init(params), params, translated_grads=shifted)
+  closed, opened = ("conv", "dense") if n_conv > n_dense else ("dense", "conv")
+  assert float(jnp.max(jnp.abs(updates[closed]["kernel"]))) == 0.0
+  assert float(jnp.max(jnp.abs(updates[opened]["kernel"]))) > 0.0
+  assert float(state.diagnostics[closed]["kernel"].gate) == 0.0
+  summary = transform.summarize_diagnostics(state)
+  assert float(summary["ricci/gate_open_fraction"]) == 0.5
+
+
+@pytest.mark.parametrize("reading", ["lag", "current", "two_step"])
+def test_every_reading_runs_and_reports(reading):
+  params, grads, shifted = map(_kernels, _problem())
+  tx = rj.scale_by_ricci_flow(reading=reading)
+  updates, state = jax.jit(functools.partial(tx.update, translated_grads=shifted))(grads, tx.init(params), params)
+  assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+  assert set(transform.layer_diagnostics(state)) == {"conv/kernel", "dense/kernel"}
+
+
+# ---------------------------------------------------------------------------
+# Bad input.
+# ---------------------------------------------------------------------------
+
+
+def test_bad_input_is_rejected_with_a_message():
+  params, grads, shifted = map(_kernels, _problem())
+  tx = rj.scale_by_ricci_flow()
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="needs the translated gradients"):
+    tx.update(grads, state, params)
+  with pytest.raises(ValueError, match="structure of the updates"):
+    tx.update(grads, state, params, translated_grads={"conv": shifted["conv"]})
+  with pytest.raises(ValueError, match="expected"):
+    tx.update(grads, state, params, translated_grads=jax.tree.map(lambda x: x[:2], shifted))
+  with pytest.raises(ValueError, match="needs the current params"):
+    tx.update(grads, state, None, translated_grads=shifted)
+  with pytest.raises(ValueError, match="not positive definite"):
+    rj.scale_by_ricci_flow(tau=5.0).init(params)
+  with pytest.raises(ValueError, match="at most 64 weights"):
+    rj.scale_by_lne(approx="strong").init(params)
+  with pytest.raises(ValueError, match="valid: lag"):
+    rj.scale_by_ricci_flow(reading="future")
+  with pytest.raises(ValueError, match="valid: weak"):
+    rj.scale_by_lne(approx="inverse")
+  with pytest.raises(ValueError, match="alpha must be >= 0"):
+    rj.scale_by_ricci_flow(alpha=-1.0)
+  with pytest.raises(ValueError, match="Shifts"):
+    rj.scale_by_ricci_flow(shifts=(1, -1, 1, -1))
+
+
+# ---------------------------------------------------------------------------
+# rf_sgd: routing and the optax contract.
+# ---------------------------------------------------------------------------
+
+
+def _sgd(lr, wd=5e-4, momentum=0.9):
+  return optax.chain(optax.add_decayed_weights(wd), optax.trace(momentum, nesterov=True),
+                     optax.scale_by_learning_rate(lr))
+
+
+def test_rf_sgd_routes_quantized_kernels_to_ricci_and_the_rest_to_sgd():
+  params, grads, shifted = _problem()
+  tx = rj.rf_sgd(0.1, quantized=KERNELS_ONLY, alpha=10.0)
+  ricci = optax.chain(rj.scale_by_ricci_flow(alpha=10.0, flow_step=0.1),
+                      *transform._sgd_tail(0.1, 0.9, True, 5e-4, None))
+  sgd = _sgd(0.1)
+  state, r_state, s_state = tx.init(params), ricci.init(_kernels(params)), sgd.init(params)
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params, translated_grads=shifted)
+    r_up, r_state = ricci.update(_kernels(grads), r_state, _kernels(params), translated_grads=_kernels(shifted))
+    s_up, s_state = sgd.update(grads, s_state, params)
+    np.testing.assert_allclose(updates["conv"]["bias"], s_up["conv"]["bias"], rtol=1e-6)
+    for key in ("conv", "dense"):
+      np.testing.assert_allclose(updates[key]["kernel"], r_up[key]["kernel"], rtol=1e-6)
+      assert not np.allclose(updates[key]["kernel"], s_up[key]["kernel"])
+    params = optax.apply_updates(params, updates)
+  diags = transform.layer_diagnostics(state)
+  assert set(diags) == {"conv/kernel", "dense/kernel"}
+
+
+def test_rf_sgd_default_mask_and_callable_mask():
+  params, grads, shifted = _problem()
+  default = rj.rf_sgd(0.1)
+  by_fn = rj.rf_sgd(0.1, quantized=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+  u1, _ = default.update(grads, default.init(params), params, translated_grads=shifted)
+  u2, _ = by_fn.update(grads, by_fn.init(params), params, translated_grads=shifted)
+  jax.tree.map(np.testing.assert_array_equal, u1, u2)
+
+
+def test_rf_sgd_with_the_identity_metric_and_no_regulariser_is_sgd():
+  params, grads, shifted = _problem()
+  tx = rj.rf_sgd(0.05, quantized=KERNELS_ONLY, approx="none", alpha=0.0)
+  sgd = _sgd(0.05)
+  u1, _ = tx.update(grads, tx.init(params), params, translated_grads=shifted)
+  u2, _ = sgd.update(grads, sgd.init(params), params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u1, u2)
+
+
+def _jit_step(tx, obj_shifted):
+  @jax.jit
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params, translated_grads=obj_shifted, unexpected_extra_arg=1)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def test_contract_jit_extra_args_and_no_recompilation():
+  params, grads, shifted = _problem()
+  tx = rj.rf_sgd(0.1, quantized=KERNELS_ONLY)
+  traces = []
+
+  @jax.jit
+  def step(params, state, grads, shifted):
+    traces.append(None)
+    updates, state = tx.update(grads, state, params, translated_grads=shifted, unexpected_extra_arg=1)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for _ in range(3):
+    params, state = step(params, state, grads, shifted)
+  assert len(traces) == 1
+
+
+def test_contract_inside_chain():
+  params, grads, shifted = map(_kernels, _problem())
+  tx = optax.chain(optax.clip_by_global_norm(1.0), rj.scale_by_ricci_flow(), optax.scale(-0.1))
+  updates, _ = tx.update(grads, tx.init(params), params, translated_grads=shifted)
+  clipped, _ = optax.clip_by_global_norm(1.0).update(grads, None)
+  ricci = rj.scale_by_ricci_flow()
+  want, _ = ricci.update(clipped, ricci.init(params), params, translated_grads=shifted)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, -0.1 * b, rtol=1e-6), updates, want)
+
+
+def test_contract_inject_hyperparams():
+  params, grads, shifted = _problem()
+  kwargs = dict(learning_rate=0.1, momentum=0.9, weight_decay=5e-4, alpha=3.0, quantized=KERNELS_ONLY)
+  static = ("quantized", "tau", "approx", "shifts", "reading", "nesterov", "normalize", "flow_step",
+            "weight_decay_mask", "axis_name", "epsilon")
+  plain = rj.rf_sgd(**kwargs)
+  injected = optax.inject_hyperparams(rj.rf_sgd, static_args=static)(**kwargs)
+  s1, s2 = jax.jit(plain.init)(params), jax.jit(injected.init)(params)
+  u1, n1 = jax.jit(functools.partial(plain.update, translated_grads=shifted))(grads, s1, params)
+  u2, n2 = jax.jit(functools.partial(injected.update, translated_grads=shifted))(grads, s2, params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), u1, u2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), n1, n2.inner_state)
+  # the injected learning rate can be changed without rebuilding
+  n2.hyperparams["learning_rate"] = jnp.asarray(0.01)
+  u3, _ = injected.update(grads, n2, params, translated_grads=shifted)
+  assert not np.allclose(u3["conv"]["bias"], u2["conv"]["bias"])
+
+
+def test_contract_multisteps_gradient_accumulation():
+  params, grads, shifted = _problem()
+  tx = optax.MultiSteps(rj.rf_sgd(0.1, quantized=KERNELS_ONLY), every_k_schedule=2)
+  state = tx.init(params)
+  u1, state = jax.jit(functools.partial(tx.update, translated_grads=shifted))(grads, state, params)
+  jax.tree.map(lambda u: np.testing.assert_array_equal(u, 0), u1)
+  u2, state = jax.jit(functools.partial(tx.update, translated_grads=shifted))(grads, state, params)
+  ref = rj.rf_sgd(0.1, quantized=KERNELS_ONLY)
+  want, _ = ref.update(grads, ref.init(params), params, translated_grads=shifted)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), u2, want)
+
+
+def test_contract_learning_rate_schedule_drives_the_flow_step():
+  params, grads, shifted = _problem()
+  sched = optax.exponential_decay(0.1, transition_steps=1, decay_rate=0.5)
+  tx = rj.rf_sgd(sched, quantized=KERNELS_ONLY, momentum=None, weight_decay=0.0)
+  state = tx.init(params)
+  norms = []
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params, translated_grads=shifted)
+    norms.append(float(jnp.linalg.norm(updates["conv"]["bias"])))
+  np.testing.assert_allclose(np.array(norms[1:]) / np.array(norms[:-1]), 0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_contract_dtype_preserved_and_state_stable(dtype):
+  params, grads, shifted = _problem(dtype)
+  tx = rj.rf_sgd(0.1, quantized=KERNELS_ONLY)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    updates, new_state = tx.update(grads, state, params, translated_grads=shifted)
+    # lax.cond requires both branches to agree exactly on shapes and dtypes
+    cond = jax.random.randint(jax.random.key(0), (), 0, 2) == 0
+    new_state = jax.lax.cond(cond, lambda: new_state, lambda: state)
+    return optax.apply_updates(params, updates), new_state, updates
+
+  new_params, new_state, updates = step(params, state)
+  for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+    assert u.dtype == p.dtype
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), new_state) == jax.tree.map(lambda x: (x.shape, x.dtype), state)
+  assert jax.tree.map(lambda x: x.dtype, new_params) == jax.tree.map(lambda x: x.dtype, params)
