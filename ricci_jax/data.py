@@ -57,7 +57,7 @@ import numbers
 import os
 import pathlib
 import pickle
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import jax
@@ -441,8 +441,9 @@ class _TfdsReader:
 
   def _read(self, indices: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     examples = list(self._examples.map(functools.partial(self._example, epoch=epoch), indices))
-    images = np.stack([e[0] for e in examples]) if examples else np.zeros((0, *self.spec.image_shape), np.uint8)
-    return images, np.array([e[1] for e in examples], np.int32)
+    if not examples:
+      return np.zeros((0, *self.spec.image_shape), np.uint8), np.zeros(0, np.int32)
+    return np.stack([e[0] for e in examples]), np.array([e[1] for e in examples], np.int32)
 
   def _example(self, index: int, epoch: int) -> tuple[np.ndarray, int]:
     example = self.source[int(index)]

@@ -3,11 +3,13 @@
 Real data is used where it is on the machine (Fashion-MNIST from Debian's
 ``dataset-fashion-mnist``, the CIFAR-10 subset of ``shared/data``) and the
 tests skip with the reason otherwise; the readers are always tested on small
-synthetic folders in the official formats, and the TFDS path on
-``tfds.testing.mock_data``.
+synthetic folders in the official formats, and the TFDS path both on
+``tfds.testing.mock_data`` and on tiny array_record datasets really prepared
+in tmp_path (images given pre-encoded, so no TensorFlow is needed).
 """
 
 import gzip
+import io
 import os
 import pathlib
 import pickle
@@ -369,6 +371,59 @@ def test_tfds_source_on_mock_data(name, shape, classes, tmp_path):
   assert test_batches[-1]["mask"].sum() == 4
   expected_test = "validation" if name == "imagenet2012" else "test"
   assert test.source.endswith(f":{expected_test}")
+
+
+def _prepare_tfds(data_dir, name, splits, fmt):
+  """Prepares a real array_record TFDS dataset (the named builder's version and
+  features) from given examples. Images are given already encoded, so no
+  TensorFlow is needed."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from PIL import Image
+  real = tfds.builder(name, data_dir=data_dir)
+
+  def encode(image):
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt)
+    buffer.seek(0)
+    return buffer
+
+  def generate(examples):
+    for i, ex in enumerate(examples):
+      yield i, {**ex, "image": encode(ex["image"])}
+
+  with tfds.core.registered.skip_registration():
+    builder_cls = type("Prepared", (tfds.core.GeneratorBasedBuilder,), {
+        "name": name, "VERSION": real.version,
+        "_info": lambda self: tfds.core.DatasetInfo(builder=self, features=real.info.features),
+        "_split_generators": lambda self, dl: {k: generate(v) for k, v in splits.items()},
+        "_generate_examples": lambda self: None})
+  builder_cls(data_dir=data_dir, file_format="array_record").download_and_prepare()
+
+
+def test_tfds_source_reads_really_prepared_array_record_data(tmp_path):
+  """Not mocked: the real cifar10 builder reads array_record files from disk."""
+  make = lambda n, base: [dict(id=f"{base}_{i}", label=i % 10,
+                               image=np.full((32, 32, 3), base + i, np.uint8)) for i in range(n)]
+  _prepare_tfds(tmp_path, "cifar10", {"train": make(30, 0), "test": make(10, 100)}, "PNG")
+  ds = data.load("cifar10", batch_size=30, source="tfds", data_dir=tmp_path, shuffle=False)
+  assert ds.source == f"tfds:{tmp_path}/cifar10/{ds._reader.source.dataset_info.version}:train"
+  batch = next(ds.epoch(0))
+  pixel = batch["image"][:, 0, 0, 0].astype(int)
+  np.testing.assert_array_equal(batch["label"], pixel % 10)  # images and labels stay together
+  np.testing.assert_array_equal(np.sort(pixel), np.arange(30))
+  assert (batch["image"] == pixel[:, None, None, None]).all()
+  test = data.load("cifar10", "test", batch_size=10, source="auto", data_dir=tmp_path)
+  assert test.num_examples == 10 and (next(test.epoch(0))["image"] >= 100).all()
+  # ImageNet: real JPEG decoding, then the host crop to 224
+  images = [np.random.default_rng(i).integers(0, 256, (40 + 7 * i, 60 - 3 * i, 3), dtype=np.uint8)
+            for i in range(6)]
+  examples = [dict(image=im, label=i, file_name=f"n{i}.JPEG") for i, im in enumerate(images)]
+  _prepare_tfds(tmp_path, "imagenet2012", {"train": examples, "validation": examples}, "JPEG")
+  for split in ("train", "test"):
+    batch = next(data.load("imagenet2012", split, batch_size=6, source="tfds",
+                           data_dir=tmp_path).epoch(0))
+    assert batch["image"].shape == (6, 224, 224, 3)
+    assert sorted(batch["label"]) == list(range(6))
 
 
 def test_imagenet_host_transforms_on_mock_data(tmp_path):
