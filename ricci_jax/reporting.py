@@ -1,0 +1,187 @@
+"""Metrics files, the paper's statistics, tables and plots.
+
+* Metrics are JSON lines (one object per line, each with its ``step``), written
+  by :class:`JsonlWriter`; a resumed run first drops the lines written after
+  its checkpoint, so the files always match the restored state.
+* The paper's statistic (RF-DNN §7.1): mean and standard deviation of the test
+  accuracy over the last epochs (10 for CIFAR, 5 for ImageNet), and across
+  seeds when several ran.
+* Plots are PNG files drawn with matplotlib's non-interactive backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+
+class JsonlWriter:
+  """Appends JSON objects, one per line, flushing each line."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = pathlib.Path(path)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+
+  def write(self, record: Mapping[str, Any]):
+    with self.path.open("a") as f:
+      f.write(json.dumps(_jsonable(record)) + "\n")
+
+  def truncate_after(self, step: int):
+    """Drops the lines whose ``step`` is greater than ``step`` (used when resuming)."""
+    if not self.path.exists():
+      return
+    kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+    self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+  path = pathlib.Path(path)
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _jsonable(value):
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if hasattr(value, "item") and np.ndim(value) == 0:
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  return value
+
+
+def last_epochs_statistic(test_accuracies: Sequence[float], window: int) -> dict[str, Any]:
+  """Mean and (population) standard deviation over the last ``window`` values."""
+  values = np.asarray(list(test_accuracies)[-window:], float)
+  if values.size == 0:
+    return {"mean": float("nan"), "std": float("nan"), "epochs": 0, "values": []}
+  return {"mean": float(values.mean()), "std": float(values.std()), "epochs": int(values.size),
+          "values": [float(v) for v in values]}
+
+
+def across_seeds(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """The paper's statistic over several runs, and the spread of the runs themselves.
+
+  ``mean``/``std``: over the last-epochs test accuracies of all runs pooled
+  (RF-DNN §7.1: "conducted for 5 times, and the statistics of the last 10/5
+  epochs' test accuracies are reported"). ``std_of_seed_means``: the standard
+  deviation of the per-run means, the run-to-run spread alone.
+  """
+  pooled = np.concatenate([np.asarray(r["values"], float) for r in per_seed]) if per_seed else np.array([])
+  means = np.asarray([r["mean"] for r in per_seed], float)
+  if pooled.size == 0:
+    return {"mean": float("nan"), "std": float("nan"), "std_of_seed_means": float("nan"),
+            "seeds": len(per_seed), "per_seed": []}
+  return {"mean": float(pooled.mean()), "std": float(pooled.std()),
+          "std_of_seed_means": float(means.std()), "seeds": int(means.size),
+          "per_seed": [float(m) for m in means]}
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+  def fmt(v):
+    if isinstance(v, float):
+      return f"{v:.4g}"
+    return str(v)
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  return plt
+
+
+def plot_training(train: Sequence[Mapping], evals: Sequence[Mapping], path: str | os.PathLike, title: str = ""):
+  """Loss and accuracy curves (train at log steps, test at epoch ends) into one PNG."""
+  plt = _pyplot()
+  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+  if train:
+    steps = [r["step"] for r in train]
+    ax_loss.plot(steps, [r["loss"] for r in train], label="train loss", lw=1)
+    ax_acc.plot(steps, [100 * r["accuracy"] for r in train], label="train accuracy", lw=1, alpha=0.7)
+  if evals:
+    steps = [r["step"] for r in evals]
+    ax_loss.plot(steps, [r["loss"] for r in evals], "o-", label="test loss", ms=3)
+    ax_acc.plot(steps, [100 * r["accuracy"] for r in evals], "o-", label="test accuracy", ms=3)
+  ax_loss.set_xlabel("step"); ax_loss.set_ylabel("cross-entropy"); ax_loss.set_yscale("log")
+  ax_acc.set_xlabel("step"); ax_acc.set_ylabel("accuracy (%)")
+  for ax in (ax_loss, ax_acc):
+    ax.grid(alpha=0.3); ax.legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+DIAGNOSTIC_PANELS = (
+    ("s", "s = |tanh(tau w)|^2", "linear"),
+    ("correction", "|g^-1 d - d| / |d| (distance from STE)", "log"),
+    ("residual", "Ricci-flow residual N (Eq. 35)", "log"),
+    ("gate", "gate open (Eq. 36)", "linear"),
+)
+
+
+def plot_diagnostics(records: Sequence[Mapping], path: str | os.PathLike, title: str = ""):
+  """Per-layer RF-DNN diagnostics over training: s, correction, N, gate open fraction.
+
+  ``records`` are lines of ``diagnostics.jsonl``: ``{"step": ..., "layers":
+  {name: {"s": ..., "correction": ..., "residual": ..., "gate": ...}}}``.
+  """
+  if not records:
+    return
+  plt = _pyplot()
+  layers = list(records[0]["layers"])
+  steps = [r["step"] for r in records]
+  fig, axes = plt.subplots(1, len(DIAGNOSTIC_PANELS), figsize=(4.2 * len(DIAGNOSTIC_PANELS), 3.8))
+  cmap = plt.get_cmap("viridis")
+  for ax, (key, label, scale) in zip(axes, DIAGNOSTIC_PANELS):
+    for i, layer in enumerate(layers):
+      values = [float(r["layers"][layer][key]) for r in records]
+      if key == "gate":  # open fraction so far
+        values = list(np.cumsum(values) / np.arange(1, len(values) + 1))
+      ax.plot(steps, values, color=cmap(i / max(1, len(layers) - 1)), lw=1,
+              label=layer if i in (0, len(layers) - 1) else None)
+    if scale == "log" and all(float(r["layers"][lay][key]) > 0 for r in records for lay in layers):
+      ax.set_yscale("log")
+    ax.set_title(label, fontsize=9)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7, title="layers (first, last)", title_fontsize=7)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_comparison(curves: Mapping[str, Sequence[Sequence[float]]], path: str | os.PathLike,
+                    ylabel: str = "test accuracy (%)", title: str = ""):
+  """Mean and min-max band across seeds of one curve per method (x = epoch)."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  for name, runs in curves.items():
+    length = min(len(r) for r in runs)
+    arr = np.asarray([r[:length] for r in runs], float)
+    x = np.arange(1, length + 1)
+    ax.plot(x, arr.mean(0), label=f"{name} (n={len(runs)})")
+    ax.fill_between(x, arr.min(0), arr.max(0), alpha=0.2)
+  ax.set_xlabel("epoch"); ax.set_ylabel(ylabel); ax.grid(alpha=0.3); ax.legend()
+  ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

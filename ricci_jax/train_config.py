@@ -1,0 +1,254 @@
+"""The training program's configuration: schema, command-line overrides, validation.
+
+A run is described by one ``ml_collections.ConfigDict`` whose keys are those
+of :func:`default_config` (config files in ``experiments/configs/`` start from
+it). :func:`apply_overrides` applies ``key=value`` overrides from the command
+line, and :func:`validate` rejects anything wrong before a single step runs:
+an unknown key (the error lists the valid ones), an unknown model, estimator,
+method or schedule, a batch size the devices cannot share, an output
+directory that cannot be written.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from ricci_jax import data as data_lib
+from ricci_jax import lne, ricci_flow
+from ricci_jax.config import METHODS as QUANT_METHODS
+from ricci_jax.estimators import ESTIMATORS
+from ricci_jax.quantizers import SCALE_MODES, check_bits
+
+OPTIMIZERS = ("sgd", "rf_sgd", "adam")
+LR_SCHEDULES = ("multistep", "cosine", "constant")
+ESTIMATOR_SCHEDULES = ("auto", "none")
+LAYER_RULES = ("inner", "all", "none")
+FLOAT_BITS = 32
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key the training program understands, with its default."""
+  c = ml_collections.ConfigDict()
+  c.name = ""  # a label for tables and plots
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "fashion_mnist"
+  c.dataset.source = "auto"  # auto | files | tfds
+  c.dataset.data_dir = ""  # "" = the default places
+  c.dataset.holdout_validation = False  # True: train without the validation split (CIFAR: 45k/5k, the paper's)
+  c.dataset.eval_split = "test"  # test | validation
+  c.dataset.train_limit = 0  # 0 = all training examples
+  c.dataset.test_limit = 0
+  c.dataset.augment = "default"  # default (the dataset's standard) | none | crop_flip
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "lenet5"
+  c.model.bireal = False  # ResNets: a shortcut around every conv (Bi-Real Net)
+  c.model.dtype = "float32"  # compute dtype
+
+  c.quant = ml_collections.ConfigDict()
+  c.quant.layers = "inner"  # inner (all but first conv and last dense) | all | none
+  c.quant.weight_bits = 1  # 32 = float weights
+  c.quant.act_bits = 32  # 32 = float activations
+  c.quant.weight_method = "uniform"  # uniform (Eqs. 37-38) | dorefa | ridge
+  c.quant.act_method = "uniform"  # uniform | staircase | ridge
+  c.quant.estimator = "clipped_ste"
+  c.quant.act_estimator = ""  # "" = the weight estimator (clipped_relu for staircase)
+  c.quant.hparams = ml_collections.ConfigDict()  # initial estimator hyperparameters, e.g. {"clip": 1.0}
+  c.quant.scale = "none"  # none | tensor | channel
+  c.quant.schedule = "auto"  # auto: the estimator's published schedule (reste o, ede t, md_tanh beta) | none
+  c.quant.ede_t_min = 0.1  # the IR-Net paper's; its CIFAR code starts near 1e-3
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "sgd"  # sgd | rf_sgd | adam
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.schedule = "multistep"  # multistep | cosine | constant
+  c.optimizer.boundaries = (0.4, 0.75, 0.95)  # multistep, as fractions of training (80/150/190 of 200 epochs)
+  c.optimizer.decay_factor = 0.1
+  c.optimizer.warmup_epochs = 0
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = True
+  c.optimizer.weight_decay = 5e-4
+
+  c.rfdnn = ml_collections.ConfigDict()
+  c.rfdnn.tau = "auto"  # "auto" or a number (as a string, e.g. "0.05")
+  c.rfdnn.tau_scale = 0.5
+  c.rfdnn.alpha = 1.0
+  c.rfdnn.epsilon = math.inf
+  c.rfdnn.approx = "weak"  # weak | exact | diagonal | none
+  c.rfdnn.fraction = 0.125  # share of the batch for the four translated passes (1 = the paper's cost)
+  c.rfdnn.shifts = (1, -1, 1, -1)  # k1, k2, j1, j2
+  c.rfdnn.translation = "roll"  # roll | pad
+  c.rfdnn.reading = "lag"  # lag | current | two_step
+  c.rfdnn.normalize = False
+
+  c.batch_size = 128  # global, whatever the device count
+  c.epochs = 10
+  c.seed = 0
+  c.seeds = ()  # several seeds: one run each, then statistics across them
+  c.eval_every_epochs = 1
+  c.last_epochs = 10  # the paper's statistic: mean and std of test accuracy over the last epochs
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 2
+  c.resume = True
+  c.max_consecutive_nonfinite = 20
+  c.pmap = False  # the pmap path instead of jit with shardings
+  c.progress = True  # tqdm progress bar
+  c.plots = True
+  c.stop_after_steps = 0  # > 0: stop (as if interrupted) after this many steps; for tests
+  return c
+
+
+def _flatten_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  keys = []
+  for k, v in cfg.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      keys.extend(_flatten_keys(v, f"{prefix}{k}."))
+    else:
+      keys.append(prefix + k)
+  return keys
+
+
+def _parse_value(text: str, current: Any) -> Any:
+  if isinstance(current, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  if isinstance(current, bool) and isinstance(value, str) and value.lower() in ("true", "false"):
+    value = value.lower() == "true"
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if isinstance(current, float) and isinstance(value, str) and value.lower() in ("inf", "infinity"):
+    value = math.inf
+  if isinstance(current, tuple) and isinstance(value, (list, int, float)):
+    value = tuple(value) if isinstance(value, list) else (value,)
+  return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+  """Applies ``key=value`` overrides (dotted keys), checking each key exists.
+
+  Values are Python literals (``0.1``, ``(1, -1, 1, -1)``, ``True``) or bare
+  strings. An unknown key raises a ``ValueError`` listing the valid keys.
+  """
+  valid = _flatten_keys(config)
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    key = key.strip().removeprefix("--").removeprefix("config.")
+    if not sep:
+      raise ValueError(f"an override must look like key=value, got {item!r}")
+    parts = key.split(".")
+    node = config
+    for part in parts[:-1]:
+      if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+        raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
+      node = node[part]
+    leaf = parts[-1]
+    if isinstance(node, ml_collections.ConfigDict) and key.startswith("quant.hparams."):
+      node[leaf] = float(ast.literal_eval(text))
+      continue
+    if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
+      raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
+    value = _parse_value(text, node[leaf])
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise ValueError(f"config key {key!r} expects a {type(node[leaf]).__name__}, got {text!r}: {e}") from None
+  return config
+
+
+def check_known_keys(config: ml_collections.ConfigDict):
+  """Raises if ``config`` has a key the program does not know (e.g. a typo in a config file)."""
+  valid = set(_flatten_keys(default_config()))
+  for key in _flatten_keys(config):
+    if key not in valid and not key.startswith("quant.hparams."):
+      raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(valid))}")
+
+
+def _choice(name: str, value, allowed):
+  if value not in allowed:
+    raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(str, allowed))}")
+
+
+def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None,
+             device_count: int | None = None):
+  """Rejects a bad configuration before any training work.
+
+  Args:
+    config: the run's configuration.
+    workdir: the output directory; it must be creatable and writable.
+    device_count: local devices the batch is split over (default: all).
+  """
+  from ricci_jax import models  # noqa: PLC0415 - models import flax modules
+
+  check_known_keys(config)
+  _choice("dataset", config.dataset.name, tuple(data_lib.DATASETS))
+  _choice("data source", config.dataset.source, ("auto", "files", "tfds"))
+  _choice("augmentation", config.dataset.augment, ("default", "none", "crop_flip"))
+  _choice("evaluation split", config.dataset.eval_split, ("test", "validation"))
+  _choice("model", config.model.name, tuple(models.MODELS))
+  _choice("quantized-layer rule", config.quant.layers, LAYER_RULES)
+  _choice("weight method", config.quant.weight_method, tuple(m for m in QUANT_METHODS if m != "staircase"))
+  _choice("activation method", config.quant.act_method, QUANT_METHODS)
+  _choice("estimator", config.quant.estimator, tuple(ESTIMATORS))
+  if config.quant.act_estimator:
+    _choice("activation estimator", config.quant.act_estimator, tuple(ESTIMATORS))
+  _choice("scale mode", config.quant.scale, SCALE_MODES)
+  _choice("estimator schedule", config.quant.schedule, ESTIMATOR_SCHEDULES)
+  for name in ("weight_bits", "act_bits"):
+    bits = config.quant[name]
+    if bits != FLOAT_BITS:
+      check_bits(bits)
+  _choice("optimizer", config.optimizer.name, OPTIMIZERS)
+  _choice("learning-rate schedule", config.optimizer.schedule, LR_SCHEDULES)
+  _choice("RF-DNN approximation", config.rfdnn.approx, tuple(a for a in lne.APPROXIMATIONS if a != "strong"))
+  _choice("RF-DNN reading", config.rfdnn.reading, ricci_flow.READINGS)
+  _choice("translation", config.rfdnn.translation, ricci_flow.TRANSLATION_MODES)
+  if config.rfdnn.tau != "auto":
+    try:
+      tau = float(config.rfdnn.tau)
+    except ValueError:
+      raise ValueError(f"rfdnn.tau must be 'auto' or a positive number, got {config.rfdnn.tau!r}") from None
+    if not tau > 0:
+      raise ValueError(f"rfdnn.tau must be 'auto' or a positive number, got {config.rfdnn.tau!r}")
+  ricci_flow.Shifts(*map(int, config.rfdnn.shifts))
+  if not 0 < config.rfdnn.fraction <= 1:
+    raise ValueError(f"rfdnn.fraction must be in (0, 1], got {config.rfdnn.fraction}")
+  for name in ("batch_size", "epochs", "eval_every_epochs", "last_epochs", "log_every_steps",
+               "checkpoint_every_steps", "keep_checkpoints", "max_consecutive_nonfinite"):
+    value = config[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  if config.optimizer.schedule == "multistep" and not all(0 < b < 1 for b in config.optimizer.boundaries):
+    raise ValueError(f"optimizer.boundaries are fractions of training in (0, 1), got {config.optimizer.boundaries}")
+  if config.optimizer.name == "rf_sgd" and config.quant.layers == "none":
+    raise ValueError("optimizer rf_sgd needs quantized layers (quant.layers is 'none')")
+
+  import jax  # noqa: PLC0415
+
+  n_dev = jax.local_device_count() if device_count is None else device_count
+  per_host = config.batch_size // jax.process_count()
+  if config.batch_size % jax.process_count() or per_host % n_dev:
+    raise ValueError(
+        f"batch_size {config.batch_size} must split evenly over {jax.process_count()} host(s) and "
+        f"{n_dev} device(s) per host; use a multiple of {jax.process_count() * n_dev}")
+
+  if workdir is not None:
+    path = pathlib.Path(workdir)
+    try:
+      path.mkdir(parents=True, exist_ok=True)
+      probe = path / ".write_probe"
+      probe.write_text("ok")
+      probe.unlink()
+    except OSError as e:
+      raise ValueError(f"the output directory {str(path)!r} cannot be written: {e}") from None
