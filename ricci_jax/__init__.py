@@ -4,7 +4,7 @@ The public API is what this module exports; everything else lives in clearly
 named modules (``ricci_jax.quantizers``, ``ricci_jax.estimators``, ...).
 """
 
-from ricci_jax import estimators, layers, quantizers, schedules
+from ricci_jax import estimators, layers, models, quantizers, schedules
 from ricci_jax.config import QuantConfig, TensorQuant
 from ricci_jax.estimators import ESTIMATORS
 from ricci_jax.layers import (
@@ -39,6 +39,7 @@ __all__ = [
     "dorefa_weights",
     "estimators",
     "layers",
+    "models",
     "quantized_kernels",
     "quantizers",
     "ridge_dequantize",
