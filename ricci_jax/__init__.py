@@ -4,9 +4,20 @@ The public API is what this module exports; everything else lives in clearly
 named modules (``ricci_jax.quantizers``, ``ricci_jax.estimators``, ...).
 """
 
-from ricci_jax import data, estimators, layers, lne, quantizers, ricci_flow, schedules, transform
+from ricci_jax import (
+    data,
+    estimators,
+    layers,
+    lne,
+    models,
+    quantizers,
+    ricci_flow,
+    schedules,
+    transform,
+)
 from ricci_jax.config import QuantConfig, TensorQuant
 from ricci_jax.estimators import ESTIMATORS
+from ricci_jax.models import QuantRule
 from ricci_jax.layers import (
     QuantConv,
     QuantConvGeneralDilated,
@@ -35,6 +46,7 @@ __all__ = [
     "QuantConvGeneralDilated",
     "QuantDense",
     "QuantDotGeneral",
+    "QuantRule",
     "Shifts",
     "TensorQuant",
     "binarize",
@@ -44,6 +56,7 @@ __all__ = [
     "estimators",
     "layers",
     "lne",
+    "models",
     "quantized_kernels",
     "quantizers",
     "rf_sgd",

@@ -173,7 +173,9 @@ def quantized_kernels(
   """Maps the path of every quantized kernel in ``params`` to its config.
 
   Traces ``model.init(rngs, *args, **kwargs)`` abstractly (``jax.eval_shape``,
-  no computation) and records each quantizing op that runs. Assumes the op is
+  no computation) and records each quantizing op that runs. ``args`` are
+  traced; ``kwargs`` are passed as they are (static), so Python flags such as
+  ``train=False`` stay Python values. Assumes the op is
   injected into a layer whose kernel parameter is called ``kernel`` (as
   ``nn.Dense`` and ``nn.Conv`` do).
   """
@@ -189,7 +191,7 @@ def quantized_kernels(
     rngs = jax.random.key(0)
   init_kwargs = {} if method is None else {"method": method}
   with nn.intercept_methods(record):
-    jax.eval_shape(functools.partial(model.init, rngs, **init_kwargs), *args, **kwargs)
+    jax.eval_shape(functools.partial(model.init, rngs, **init_kwargs, **kwargs), *args)
   return found
 
 

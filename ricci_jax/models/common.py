@@ -1,0 +1,225 @@
+"""Building blocks shared by the model families.
+
+The helpers here are plain functions that create Flax layers inside the
+calling module's ``@nn.compact`` method, with explicit names, so every model
+keeps a flat, readable parameter tree (``params["stage1_block0_conv1"]
+["kernel"]``) and every conv / dense goes through the model's
+:class:`~ricci_jax.models.rules.QuantRule`.
+
+Two orders of the conv / norm / nonlinearity triple are offered:
+
+* ``"conv_bn_relu"`` (default): ``relu(bn(conv(x)))``, residual blocks add the
+  shortcut before the last ReLU (He et al. 2016).
+* ``"conv_relu_bn"``: ``bn(relu(conv(x)))``, residual blocks add the shortcut
+  after the BN and apply no further ReLU, as in the ReSTE code's binary
+  nets (Wu et al., ICCV 2023). With 1-bit activations this is the one
+  to use: a binarized conv quantizes its *input*, and in ``"conv_bn_relu"``
+  that input has passed a ReLU, so ``sign`` (with sign(0) = +1) maps all of it
+  to +1 (a warning says so). A k-bit uniform activation quantizer (RF-DNN
+  Eq. 38, symmetric on [-max, max]) on those inputs wastes half its levels
+  (RF-DNN notes, A7); the staircase quantizer is made for them.
+
+Activations are NHWC throughout; BatchNorm keeps float32 statistics whatever
+the compute ``dtype`` (Flax's ``force_float32_reductions``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ricci_jax.config import QuantConfig
+from ricci_jax.layers import QuantConv, QuantConvGeneralDilated, QuantDense, QuantDotGeneral
+from ricci_jax.models.rules import QuantRule, resolve
+
+Array = jax.Array
+
+ORDERS = ("conv_bn_relu", "conv_relu_bn")
+"""The allowed ``order`` values of every model (see the module docstring)."""
+
+CONV_INIT = nn.initializers.he_normal()
+"""Kernel initializer of every conv: He et al. 2015 (fan-in, truncated normal)."""
+
+SIGN_OF_RELU_WARNING = (
+    "a 1-bit activation quantizer (sign) reads the output of a ReLU in order='conv_bn_relu', "
+    "where every value is >= 0 and sign maps it to +1: the quantized layers see a constant "
+    "input. Use order='conv_relu_bn' (BN after the ReLU, as in the ReSTE code) for W1A1, or a "
+    "staircase activation quantizer.")
+
+
+def check_order(order: str) -> None:
+  if order not in ORDERS:
+    raise ValueError(f"unknown order {order!r}; allowed: {', '.join(ORDERS)}")
+
+
+def check_rule(rule: Any) -> None:
+  if rule is not None and not isinstance(rule, QuantRule):
+    raise ValueError(f"quant must be a ricci_jax.models.QuantRule or None, got {rule!r}")
+
+
+def _is_sign(config: QuantConfig | None) -> bool:
+  act = None if config is None else config.act
+  return act is not None and act.bits == 1 and act.method in ("uniform", "dorefa")
+
+
+def _layer_config(m: nn.Module, name: str, role: str) -> QuantConfig | None:
+  config = resolve(m.quant, name, role)
+  if role != "first" and m.order == "conv_bn_relu" and _is_sign(config):
+    warnings.warn(SIGN_OF_RELU_WARNING, stacklevel=3)
+  return config
+
+
+def conv(
+    m: nn.Module,
+    name: str,
+    role: str,
+    features: int,
+    kernel: int,
+    strides: int = 1,
+    padding: int | None = None,
+    groups: int = 1,
+) -> nn.Conv:
+  """A bias-free ``kernel x kernel`` conv of ``m`` named ``name``, quantized by ``m.quant``.
+
+  Padding defaults to ``kernel // 2`` on every side (PyTorch's convention, so
+  shapes and weights port one to one).
+  """
+  pad = kernel // 2 if padding is None else padding
+  return QuantConv(
+      features, (kernel, kernel), quant=_layer_config(m, name, role), strides=(strides, strides),
+      padding=((pad, pad), (pad, pad)), feature_group_count=groups, use_bias=False,
+      dtype=m.dtype, kernel_init=CONV_INIT, name=name)
+
+
+def dense(m: nn.Module, name: str, role: str, features: int, use_bias: bool) -> nn.Dense:
+  """A dense layer of ``m`` named ``name``, quantized by ``m.quant``."""
+  return QuantDense(features, quant=_layer_config(m, name, role), use_bias=use_bias,
+                    dtype=m.dtype, name=name)
+
+
+def norm(m: nn.Module, name: str, train: bool) -> nn.BatchNorm:
+  """BatchNorm (collection ``batch_stats``), batch statistics only when ``train``."""
+  return nn.BatchNorm(use_running_average=not train, momentum=m.norm_momentum,
+                      epsilon=m.norm_epsilon, dtype=m.dtype, name=name)
+
+
+def conv_unit(
+    m: nn.Module,
+    x: Array,
+    conv_name: str,
+    bn_name: str,
+    role: str,
+    features: int,
+    kernel: int,
+    train: bool,
+    *,
+    strides: int = 1,
+    groups: int = 1,
+    before_add: bool = False,
+) -> Array:
+  """conv, BN and ReLU in ``m.order``.
+
+  ``conv_bn_relu``: ``relu(bn(conv(x)))``, or ``bn(conv(x))`` when
+  ``before_add`` (the ReLU then follows the residual add, :func:`after_add`).
+  ``conv_relu_bn``: ``bn(relu(conv(x)))`` either way.
+  """
+  y = conv(m, conv_name, role, features, kernel, strides=strides, groups=groups)(x)
+  if m.order == "conv_relu_bn":
+    return norm(m, bn_name, train)(nn.relu(y))
+  y = norm(m, bn_name, train)(y)
+  return y if before_add else nn.relu(y)
+
+
+def dense_unit(m: nn.Module, x: Array, dense_name: str, bn_name: str, role: str, features: int,
+               train: bool) -> Array:
+  """A bias-free dense, BN and ReLU in ``m.order`` (the MLP / LeNet hidden layers)."""
+  y = dense(m, dense_name, role, features, use_bias=False)(x)
+  if m.order == "conv_relu_bn":
+    return norm(m, bn_name, train)(nn.relu(y))
+  return nn.relu(norm(m, bn_name, train)(y))
+
+
+def after_add(m: nn.Module, y: Array) -> Array:
+  """What follows a residual add: ReLU in ``conv_bn_relu``, nothing in ``conv_relu_bn``."""
+  return nn.relu(y) if m.order == "conv_bn_relu" else y
+
+
+def shortcut_a(x: Array, features: int, strides: int) -> Array:
+  """The parameter-free "option A" shortcut of the CIFAR ResNets (He et al. 2016, §4.2).
+
+  Subsamples by ``strides`` (``x[:, ::s, ::s, :]``) and zero-pads the channel
+  axis to ``features``, half the new channels before and half after (the
+  ``F.pad(x[:, :, ::2, ::2], (..., planes//4, planes//4))`` of the common
+  PyTorch code).
+  """
+  if strides != 1:
+    x = x[:, ::strides, ::strides, :]
+  extra = features - x.shape[-1]
+  if extra < 0:
+    raise ValueError(f"an option-A shortcut cannot reduce channels ({x.shape[-1]} -> {features})")
+  if extra:
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+  return x
+
+
+def classifier(m: nn.Module, x: Array, train: bool, head_norm: bool = False) -> Array:
+  """Global average pool (NHWC), optional BN (``head_bn``), then the ``head`` dense.
+
+  ``head_norm`` is the ReSTE code's ``BatchNorm1d`` before the classifier.
+  """
+  x = jnp.mean(x, axis=(1, 2))
+  if head_norm:
+    x = norm(m, "head_bn", train)(x)
+  return dense(m, "head", "last", m.num_classes, use_bias=True)(x)
+
+
+# ----------------------------------------------------------------------------
+# Inspection: which layers a model has, and what the rule gives each.
+# ----------------------------------------------------------------------------
+
+
+def layer_plan(model: nn.Module, *args, **kwargs) -> dict[str, QuantConfig | None]:
+  """Every conv / dense layer of ``model``, by ``/``-joined path, with its config.
+
+  Traces ``model.init`` abstractly (no computation), so it is cheap even for
+  ImageNet models. Arguments are those of ``model.init`` after the rng, e.g.
+  ``layer_plan(model, jnp.zeros((1, 32, 32, 3)), train=False)``. A float
+  layer maps to ``None``.
+  """
+  plan: dict[str, QuantConfig | None] = {}
+  quantized: dict[str, QuantConfig] = {}
+
+  def record(next_fun, call_args, call_kwargs, context):
+    mod = context.module
+    if context.method_name == "__call__":
+      if isinstance(mod, (nn.Conv, nn.Dense)):
+        plan.setdefault("/".join(mod.path), None)
+      if isinstance(mod, (QuantConvGeneralDilated, QuantDotGeneral)):
+        quantized["/".join(mod.path[:-1])] = mod.config
+    return next_fun(*call_args, **call_kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a, **kwargs), *args)
+  return {name: quantized.get(name) for name in plan}
+
+
+def unused_overrides(model: nn.Module, *args, **kwargs) -> list[str]:
+  """The ``model.quant.overrides`` patterns that decide none of its layers.
+
+  Arguments as for :func:`layer_plan`. Layers are matched by their name in the
+  model (the last path component).
+  """
+  rule = getattr(model, "quant", None)
+  if rule is None or not rule.overrides:
+    return []
+  names = [path.split("/")[-1] for path in layer_plan(model, *args, **kwargs)]
+  return rule.unused_overrides(names)
+
+
+def as_tuple(values: Sequence[int] | int) -> tuple[int, ...]:
+  return (int(values),) if isinstance(values, int) else tuple(int(v) for v in values)
