@@ -57,7 +57,7 @@ def bench_residual_scaling(sizes, repeats):
     eta = jnp.float32(0.1)
     rank1 = jax.jit(jax.value_and_grad(lambda w: ricci_flow.residual_norm(w, g4, prev, tau, eta)[0]))
     row = {"n": n, "rank1": _stats(_time(rank1, w, repeats=repeats))}
-    if n * n * 4 <= 2**30 / 6:  # six n x n float32 matrices live at once in the reference
+    if n * n * 4 * 6 <= 8 * 2**30:  # six n x n float32 matrices live at once in the reference
       def dense(w):
         steps = jax.lax.stop_gradient(jnp.stack([eta * lne.natural_gradient(w, g4[s], tau) for s in range(4)]))
         a = jnp.tanh(tau * (w - steps[0]))

@@ -30,7 +30,7 @@ class JsonlWriter:
 
   def write(self, record: Mapping[str, Any]):
     with self.path.open("a") as f:
-      f.write(json.dumps(_jsonable(record)) + "\n")
+      f.write(json.dumps(to_jsonable(record)) + "\n")
 
   def truncate_after(self, step: int):
     """Drops the lines whose ``step`` is greater than ``step`` (used when resuming)."""
@@ -47,11 +47,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _jsonable(value):
+def to_jsonable(value):
   if isinstance(value, Mapping):
-    return {str(k): _jsonable(v) for k, v in value.items()}
+    return {str(k): to_jsonable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_jsonable(v) for v in value]
+    return [to_jsonable(v) for v in value]
   if hasattr(value, "item") and np.ndim(value) == 0:
     value = value.item()
   if isinstance(value, float) and not math.isfinite(value):

@@ -16,8 +16,8 @@ Gate (Eq. 36):            the layer's natural gradient is multiplied by 1[N <= e
 
 Every metric is I - u u^T, and the identities cancel in all three
 expressions, so each is a weighted sum of outer products ``sum_m c_m u_m u_m^T``
-(:class:`Rank1Sum`) whose squared Frobenius norm is ``c^T (U U^T o U U^T) c``:
-O(M^2 n) for M outer products, never O(n^2).
+(:class:`Rank1Sum`) whose squared Frobenius norm needs only the dot products
+of the vectors: O(M^2 n) for M outer products, never O(n^2).
 
 **Which metrics enter Eq. 34** is left open by the paper (notes, ambiguity A4).
 ``reading`` selects:
@@ -47,6 +47,7 @@ Array = jax.Array
 
 READINGS = ("lag", "current", "two_step")
 TRANSLATION_MODES = ("roll", "pad")
+STRATEGIES = ("auto", "loop", "vmap")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +126,9 @@ def translated_grads(
     image_key: str = "image",
     mode: str = "roll",
     axis_name: str | None = None,
+    strategy: str = "auto",
 ) -> Any:
-  """The four gradients on the translated batches, in one batched (vmap) pass.
+  """The four gradients on the translated batches, computed together in one program.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``; the gradients are those of
@@ -141,6 +143,12 @@ def translated_grads(
     image_key: where the images are in ``batch``.
     mode: ``"roll"`` or ``"pad"`` (:func:`translate`).
     axis_name: under ``pmap``, the gradients are averaged over this axis.
+    strategy: ``"vmap"`` batches the four passes into one; ``"loop"`` writes
+      them out one after the other in the same jitted program. On the CPU the
+      loop is 2.4x faster (a binarized ResNet-20 at batch 128: 4.0 s against
+      9.7 s for the four passes; XLA's CPU convolutions handle the vmapped
+      weight gradients poorly), so ``"auto"`` picks the loop on CPU and vmap
+      on accelerators.
 
   Returns:
     A tree like ``params`` whose leaves have a leading axis of 4, in the order
@@ -148,14 +156,21 @@ def translated_grads(
   """
   if image_key not in batch:
     raise ValueError(f"batch has no {image_key!r} entry (keys: {sorted(batch)})")
+  if strategy not in STRATEGIES:
+    raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+  if strategy == "auto":
+    strategy = "loop" if jax.default_backend() == "cpu" else "vmap"
   small = subsample(batch, fraction)
   images = small[image_key]
-  stacked = jnp.stack([translate(images, dy, dx, mode) for dy, dx in shifts.as_pixels()])
+  moved = [translate(images, dy, dx, mode) for dy, dx in shifts.as_pixels()]
 
   def one(imgs):
     return jax.grad(loss_fn)(params, {**small, image_key: imgs})
 
-  grads = jax.vmap(one)(stacked)
+  if strategy == "vmap":
+    grads = jax.vmap(one)(jnp.stack(moved))
+  else:
+    grads = jax.tree.map(lambda *g: jnp.stack(g), *[one(m) for m in moved])
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
   return jax.lax.stop_gradient(grads)
@@ -173,13 +188,89 @@ class Rank1Sum(NamedTuple):
   vectors: Array  # (M, n)
 
   def frobenius_sq(self) -> Array:
-    """``||sum_m c_m u_m u_m^T||_F^2 = c^T (G o G) c`` with the Gram matrix G = U U^T: O(M^2 n)."""
-    gram = self.vectors @ self.vectors.T
-    return self.coeffs @ (gram * gram) @ self.coeffs
+    """The squared Frobenius norm in O(M^2 n), accurate when the vectors nearly coincide.
+
+    Written directly with the u_m, ``||sum_m c_m u_m u_m^T||_F^2 =
+    sum_{m,m'} c_m c_m' (u_m . u_m')^2`` subtracts terms of size |u|^4 while N
+    is often 1e-6 of that, and float32 cancellation swamps it. So the vectors
+    are centred on r = u_0 first: with d_m = u_m - r (m >= 1), e = sum c_m d_m
+    and A = sum_m c_m,
+
+        sum_m c_m u_m u_m^T = X + Y + Z,  X = A r r^T,  Y = r e^T + e r^T,  Z = sum c_m d_m d_m^T,
+
+    and with the dot products of r, e and the d_m (A = 0 for the flow residual
+    and the curvature, so only the small differences enter)::
+
+        |X|^2 = A^2 (r.r)^2          |Y|^2 = 2 (r.r)(e.e) + 2 (r.e)^2
+        |Z|^2 = sum c_m c_m' (d_m.d_m')^2
+        <X,Y> = 2 A (r.r)(r.e)       <X,Z> = A sum c_m (r.d_m)^2
+        <Y,Z> = 2 sum c_m (r.d_m)(e.d_m)
+
+    The result is clamped at 0 (rounding).
+    """
+    return _frobenius_sq(self.coeffs, self.vectors)
 
   def dense(self) -> Array:
     """The n x n matrix (a reference for tests)."""
     return jnp.einsum("m,mi,mj->ij", self.coeffs, self.vectors, self.vectors)
+
+
+def _centred_gram(coeffs: Array, vectors: Array):
+  """The basis (r, e, d_1 ... d_{M-1}) of :meth:`Rank1Sum.frobenius_sq` and its Gram matrix."""
+  r = vectors[0]
+  d = vectors[1:] - r[None]
+  e = coeffs[1:] @ d
+  basis = jnp.concatenate([r[None], e[None], d], axis=0)
+  return basis, basis @ basis.T
+
+
+def _frobenius_from_gram(coeffs: Array, g: Array) -> Array:
+  c, a = coeffs[1:], jnp.sum(coeffs)
+  rr, re, ee = g[0, 0], g[0, 1], g[1, 1]
+  rd, ed, dd = g[0, 2:], g[1, 2:], g[2:, 2:]
+  total = (a * a * rr * rr + 2.0 * (rr * ee + re * re) + c @ (dd * dd) @ c
+           + 2.0 * (2.0 * a * rr * re + a * jnp.sum(c * rd * rd) + 2.0 * jnp.sum(c * rd * ed)))
+  return jnp.maximum(total, 0.0)
+
+
+@jax.custom_vjp
+def _frobenius_sq(coeffs: Array, vectors: Array) -> Array:
+  return _frobenius_from_gram(coeffs, _centred_gram(coeffs, vectors)[1])
+
+
+def _frobenius_sq_fwd(coeffs, vectors):
+  basis, g = _centred_gram(coeffs, vectors)
+  return _frobenius_from_gram(coeffs, g), (coeffs, basis, g)
+
+
+def _frobenius_sq_bwd(residuals, cotangent):
+  """dN/du_m = 4 c_m R u_m, each R u_m a combination of the basis rows: one (M x M+1) @ (M+1 x n) product.
+
+  With u_m = r + d_m (d_0 = 0) and R = A r r^T + r e^T + e r^T + sum_k c_k d_k d_k^T:
+  R u_m = (A (r.u_m) + e.u_m) r + (r.u_m) e + sum_k c_k (d_k.u_m) d_k, and every
+  dot product is an entry of the Gram matrix the forward computed. The
+  coefficients are constants: their cotangent is 0.
+  """
+  coeffs, basis, g = residuals
+  c, a = coeffs[1:], jnp.sum(coeffs)
+  zero = jnp.zeros((1,), g.dtype)
+  r_dot_u = g[0, 0] + jnp.concatenate([zero, g[0, 2:]])  # (M,)
+  e_dot_u = g[0, 1] + jnp.concatenate([zero, g[1, 2:]])
+  d_dot_u = g[2:, 0][:, None] + jnp.concatenate([jnp.zeros((g.shape[0] - 2, 1), g.dtype), g[2:, 2:]], axis=1)
+  k = jnp.concatenate([(a * r_dot_u + e_dot_u)[:, None], r_dot_u[:, None], (c[:, None] * d_dot_u).T], axis=1)
+  grad_vectors = 4.0 * coeffs[:, None] * (k @ basis)
+  return jnp.zeros_like(coeffs), cotangent * grad_vectors
+
+
+_frobenius_sq.defvjp(_frobenius_sq_fwd, _frobenius_sq_bwd)
+
+
+def tentative_steps(
+    w: Array, shift_grads: Array, tau: Array, flow_step: Array, approx: str = "weak"
+) -> Array:
+  """eta * g^-1 g_s for each shift, flattened to (4, n) float32, held constant (stop_gradient)."""
+  steps = jax.vmap(lambda g: lne.natural_gradient(w, g, tau, approx))(shift_grads)
+  return jax.lax.stop_gradient(flow_step * steps.reshape(4, -1).astype(jnp.float32))
 
 
 def tentative_vectors(
@@ -199,8 +290,7 @@ def tentative_vectors(
     step is held constant (stop_gradient); the result depends on ``w`` only
     through ``tanh(tau w)``.
   """
-  steps = jax.vmap(lambda g: lne.natural_gradient(w, g, tau, approx))(shift_grads)
-  steps = jax.lax.stop_gradient(flow_step * steps.reshape(4, -1).astype(jnp.float32))
+  steps = tentative_steps(w, shift_grads, tau, flow_step, approx)
   return jnp.tanh(tau * (jnp.ravel(w).astype(jnp.float32)[None] - steps))
 
 
@@ -249,9 +339,13 @@ def flow_vectors(
     ``(t_next_k1, t_prev, to_store)``: g(t+1)|k1's vector, the four g(t)|s
     vectors, and the four vectors to keep in the state for the next step.
   """
-  tentative = tentative_vectors(w, shift_grads, tau, flow_step, approx)
   if reading == "lag":
-    return tentative[0], previous, tentative
+    # only g(t+1)|k1 depends on w: the other rows stay out of the derivative
+    steps = tentative_steps(w, shift_grads, tau, flow_step, approx)
+    wf = jnp.ravel(w).astype(jnp.float32)
+    store = jax.lax.stop_gradient(jnp.tanh(tau * (wf[None] - steps)))
+    return jnp.tanh(tau * (wf - steps[0])), previous, store
+  tentative = tentative_vectors(w, shift_grads, tau, flow_step, approx)
   if reading == "current":
     t = lne.metric_vector(w, tau)
     return tentative[0], jnp.broadcast_to(t, tentative.shape), tentative

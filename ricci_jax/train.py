@@ -81,7 +81,11 @@ def build_quant_rule(config: ml_collections.ConfigDict) -> models.QuantRule | No
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  kwargs = {"bireal": True} if config.model.bireal else {}
+  kwargs = {"order": config.model.order}
+  if config.model.bireal:
+    kwargs["bireal"] = True
+  if config.pmap:
+    kwargs["norm_axis_name"] = "data"  # global-batch BN statistics, as on one device
   return models.create(config.model.name, num_classes=num_classes, quant=build_quant_rule(config),
                        dtype=jnp.dtype(config.model.dtype), **kwargs)
 
@@ -209,10 +213,9 @@ def train_step(program: _Program, state: TrainState, batch: dict, axis_name: str
   (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, state.batch_stats, quant, images, labels, mask)
   extra = {}
-  if axis_name is not None:
+  if axis_name is not None:  # the model's BN already reduces over axis_name
     grads = jax.lax.pmean(grads, axis_name)
     loss = jax.lax.pmean(loss, axis_name)
-    new_stats = jax.lax.pmean(new_stats, axis_name)
   if program.rfdnn:
     def plain_loss(p, b):
       return loss_fn(p, state.batch_stats, quant, b["image"], b["label"], b["mask"])[0]
@@ -279,8 +282,11 @@ class _Placement:
       self.sharded = NamedSharding(self.mesh, P("data"))
 
   def state(self, state: TrainState) -> TrainState:
+    # Fresh buffers per leaf: optax and flax may share one array between leaves,
+    # and a donated argument must not hold the same buffer twice.
+    state = jax.tree.map(lambda x: np.array(x, copy=True), state)
     if self.use_pmap:
-      return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.n,) + jnp.shape(x)), state)
+      return jax.tree.map(lambda x: np.broadcast_to(x, (self.n,) + x.shape).copy(), state)
     return jax.device_put(state, self.replicated)
 
   def unstate(self, state: TrainState) -> TrainState:
@@ -460,7 +466,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       "parameters": n_params, "quantized_weights": n_quant,
       "quantized_layers": ["/".join(k) for k in kernels],
   }
-  (workdir / "results.json").write_text(json.dumps(reporting._jsonable(summary), indent=2))
+  (workdir / "results.json").write_text(json.dumps(reporting.to_jsonable(summary), indent=2))
   if config.plots and jax.process_index() == 0:
     title = f"{config.name or config.model.name} (seed {config.seed})"
     reporting.plot_training(reporting.read_jsonl(workdir / "metrics.jsonl"), evals, workdir / "training.png", title)
@@ -501,6 +507,25 @@ def _evaluate(placement, eval_fn, dstate, test_ds) -> dict:
   return {"accuracy": totals["correct"] / count, "loss": totals["loss_sum"] / count, "examples": int(count)}
 
 
+def load_checkpoint(workdir: str | pathlib.Path, step: int | None = None) -> dict:
+  """The saved :class:`TrainState` of a run as nested dicts of NumPy arrays (latest step by default).
+
+  Keys: ``step``, ``params``, ``batch_stats``, ``opt_state``, ``quant``,
+  ``nonfinite_total``, ``nonfinite_streak``; plus ``meta`` (steps per epoch,
+  run name).
+  """
+  path = pathlib.Path(workdir) / "checkpoints"
+  if not path.is_dir():
+    raise FileNotFoundError(f"no checkpoints in {str(path)!r}")
+  with ocp.CheckpointManager(path) as mgr:
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoints in {str(path)!r}")
+    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                         meta=ocp.args.JsonRestore()))
+  return {**jax.device_get(restored["state"]), "meta": restored["meta"]}
+
+
 def train_seeds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Runs every seed (``config.seeds``, or ``config.seed``) and summarises across them."""
   workdir = pathlib.Path(workdir)
@@ -512,6 +537,6 @@ def train_seeds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) 
     per_seed.append(train(cfg, workdir / f"seed_{seed}" if len(seeds) > 1 else workdir))
   stats = reporting.across_seeds([r["last_epochs"] for r in per_seed])
   summary = {"name": config.name, "seeds": seeds, "runs": per_seed, "across_seeds": stats}
-  (workdir / "summary.json").write_text(json.dumps(reporting._jsonable(summary), indent=2))
+  (workdir / "summary.json").write_text(json.dumps(reporting.to_jsonable(summary), indent=2))
   return summary
 

@@ -51,6 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = "lenet5"
   c.model.bireal = False  # ResNets: a shortcut around every conv (Bi-Real Net)
+  c.model.order = "conv_bn_relu"  # conv_bn_relu (He et al.) | conv_relu_bn (ReSTE's; needed for 1-bit activations)
   c.model.dtype = "float32"  # compute dtype
 
   c.quant = ml_collections.ConfigDict()
@@ -197,6 +198,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | Non
   _choice("augmentation", config.dataset.augment, ("default", "none", "crop_flip"))
   _choice("evaluation split", config.dataset.eval_split, ("test", "validation"))
   _choice("model", config.model.name, tuple(models.MODELS))
+  _choice("layer order", config.model.order, tuple(models.ORDERS))
   _choice("quantized-layer rule", config.quant.layers, LAYER_RULES)
   _choice("weight method", config.quant.weight_method, tuple(m for m in QUANT_METHODS if m != "staircase"))
   _choice("activation method", config.quant.act_method, QUANT_METHODS)

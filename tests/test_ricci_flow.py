@@ -88,11 +88,12 @@ def _tiny_setup():
   return params, {"image": x, "label": y}, loss_fn
 
 
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
 @pytest.mark.parametrize("fraction", [1.0, 0.25])
-def test_translated_grads_equal_four_separate_gradients(fraction):
+def test_translated_grads_equal_four_separate_gradients(fraction, strategy):
   params, batch, loss_fn = _tiny_setup()
   shifts = Shifts(1, -1, 2, -1)
-  got = ricci_flow.translated_grads(loss_fn, params, batch, shifts, fraction)
+  got = ricci_flow.translated_grads(loss_fn, params, batch, shifts, fraction, strategy=strategy)
   stride = round(1 / fraction)
   small = {k: v[::stride] for k, v in batch.items()}
   for i, (dy, dx) in enumerate(shifts.as_pixels()):
@@ -114,6 +115,8 @@ def test_subsample_is_strided_and_validated():
   for bad in (0.0, 1.5):
     with pytest.raises(ValueError, match="fraction"):
       ricci_flow.subsample({"a": jnp.arange(4)}, bad)
+  with pytest.raises(ValueError, match="valid: auto, loop, vmap"):
+    ricci_flow.translated_grads(lambda p, b: 0.0, {}, {"image": jnp.ones((2, 3, 3, 1))}, strategy="scan")
   with pytest.raises(ValueError, match="no 'image' entry"):
     ricci_flow.translated_grads(lambda p, b: 0.0, {}, {"x": jnp.ones((2, 3, 3, 1))})
 
@@ -186,3 +189,50 @@ def test_residual_norm_costs_linear_memory():
     assert mem.temp_size_in_bytes < 200 * n  # a few (4, n) float32 buffers, not n^2
   value, _ = compiled(w, g4, prev, lne.auto_tau(w), jnp.float32(0.1))
   assert np.isfinite(float(value))
+
+
+def test_residual_norm_is_accurate_when_the_metrics_barely_move():
+  """The realistic regime: N ~ 1e-10 of |t|^4. Naive c^T (G o G) c in float32 loses it entirely."""
+  rng = np.random.default_rng(0)
+  n = 20_000
+  base = np.tanh(rng.normal(size=n) * 0.004)  # s ~ 0.3, as with tau="auto"
+  vecs = np.stack([base + 1e-6 * rng.normal(size=n) for _ in range(5)])
+  shifts = Shifts()
+  dk, dj = shifts.dk, shifts.dj
+  coeffs = np.array([-1.0, 1 + 1 / dk, -1 / dk, -1 / dj, 1 / dj])
+  # float64 reference through the (exact) centred expansion of the same matrix
+  gram = vecs @ vecs.T
+  exact = coeffs @ (gram * gram) @ coeffs  # float64 has the digits to spare here
+  got = ricci_flow.flow_residual(jnp.asarray(vecs[0], jnp.float32), jnp.asarray(vecs[1:], jnp.float32),
+                                 shifts).frobenius_sq()
+  assert exact > 0
+  np.testing.assert_allclose(float(got), exact, rtol=2e-2)
+  naive_gram = np.asarray(jnp.asarray(vecs, jnp.float32) @ jnp.asarray(vecs, jnp.float32).T)
+  naive = float(coeffs.astype(np.float32) @ (naive_gram * naive_gram) @ coeffs.astype(np.float32))
+  assert abs(naive - exact) > 10 * abs(float(got) - exact)  # the centring is what makes it work
+
+
+@pytest.mark.parametrize("coeffs", [[-1.0, 1.5, -0.5, -0.5, 0.5], [0.3, -2.0, 1.0], [2.0, 1.0, 0.5, -0.25]])
+def test_rank1_norm_gradient_matches_autodiff_of_the_dense_matrix(coeffs):
+  c = jnp.asarray(coeffs, jnp.float32)
+  v = _vectors(20 + len(coeffs), len(coeffs), 30, scale=0.8)
+  got = jax.grad(lambda v: ricci_flow.Rank1Sum(c, v).frobenius_sq())(v)
+  want = jax.grad(lambda v: jnp.sum(ricci_flow.Rank1Sum(c, v).dense() ** 2))(v)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+  np.testing.assert_allclose(ricci_flow.Rank1Sum(c, v).frobenius_sq(),
+                             jnp.sum(ricci_flow.Rank1Sum(c, v).dense() ** 2), rtol=1e-5)
+
+
+@pytest.mark.parametrize("reading", ["lag", "current", "two_step"])
+def test_every_reading_has_the_gradient_of_its_dense_residual(reading):
+  w = jax.random.normal(jax.random.key(30), (6, 5)) * 0.5
+  g4 = jax.random.normal(jax.random.key(31), (4, 6, 5))
+  prev = _vectors(32, 4, 30)
+  tau, eta = jnp.float32(0.25), jnp.float32(0.5)
+
+  def dense(w):
+    t_next, t_prev, _ = ricci_flow.flow_vectors(w, g4, prev, tau, eta, reading=reading)
+    return jnp.sum(ricci_flow.flow_residual_dense(t_next, t_prev) ** 2)
+
+  got = jax.grad(lambda w: ricci_flow.residual_norm(w, g4, prev, tau, eta, reading=reading)[0])(w)
+  np.testing.assert_allclose(got, jax.grad(dense)(w), rtol=1e-4, atol=1e-7)

@@ -103,9 +103,13 @@ def dense(m: nn.Module, name: str, role: str, features: int, use_bias: bool) -> 
 
 
 def norm(m: nn.Module, name: str, train: bool) -> nn.BatchNorm:
-  """BatchNorm (collection ``batch_stats``), batch statistics only when ``train``."""
+  """BatchNorm (collection ``batch_stats``), batch statistics only when ``train``.
+
+  Under ``pmap``, a model built with ``norm_axis_name`` reduces the batch
+  statistics over that axis: the global batch's, as on one device.
+  """
   return nn.BatchNorm(use_running_average=not train, momentum=m.norm_momentum,
-                      epsilon=m.norm_epsilon, dtype=m.dtype, name=name)
+                      epsilon=m.norm_epsilon, dtype=m.dtype, axis_name=m.norm_axis_name, name=name)
 
 
 def conv_unit(

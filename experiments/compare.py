@@ -1,0 +1,101 @@
+"""Train several methods with the same budget and compare them: the main job.
+
+    python -m experiments.compare                      # RF-DNN vs clipped STE, binarized LeNet-5, Fashion-MNIST
+    python -m experiments.compare --config experiments/configs/fashion_mnist.py \\
+        --methods float,clipped_ste,dorefa,rfdnn --seeds 0,1,2 epochs=5
+
+The config file's ``get_config(method)`` gives each method's configuration;
+``key=value`` overrides apply to all of them. For every method and seed the
+training program runs into ``WORKDIR/<method>/seed_<s>`` (resuming if a run
+was interrupted); then a table of the paper's statistic (mean and standard
+deviation of the test accuracy over the last epochs, pooled over seeds) is
+printed and written to ``WORKDIR/results.md`` with ``results.json``, and
+``WORKDIR/comparison.png`` shows every method's test accuracy per epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+from experiments.train import load_config_file
+
+DEFAULT_CONFIG = "experiments/configs/fashion_mnist.py"
+DEFAULT_METHODS = "clipped_ste,rfdnn"
+DEFAULT_SEEDS = "0,1"
+
+
+def parse(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default=DEFAULT_CONFIG, help="config file whose get_config takes the method")
+  parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated methods")
+  parser.add_argument("--seeds", default=DEFAULT_SEEDS, help="comma-separated seeds")
+  parser.add_argument("--workdir", default="runs/compare", help="output directory")
+  args, rest = parser.parse_known_args(argv)
+  overrides = [r[len("--config."):] if r.startswith("--config.") else r for r in rest]
+  bad = [r for r in overrides if r.startswith("--")]
+  if bad:
+    parser.error(f"unknown option {bad[0]!r}; config keys go as key=value")
+  return args, overrides
+
+
+def main(argv=None) -> int:
+  args, overrides = parse(argv)
+  from ricci_jax import reporting, train, train_config  # noqa: PLC0415
+
+  methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+  seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+  workdir = pathlib.Path(args.workdir)
+  configs = {}
+  try:  # every configuration is checked before the first one trains
+    for method in methods:
+      config = load_config_file(f"{args.config}:{method}")
+      train_config.apply_overrides(config, overrides)
+      config.seeds = tuple(seeds)
+      train_config.validate(config, workdir / method)
+      configs[method] = config
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+  results, curves = {}, {}
+  for method, config in configs.items():
+    start = time.perf_counter()
+    summary = train.train_seeds(config, workdir / method)
+    results[method] = {**summary, "seconds": time.perf_counter() - start}
+    runs_dir = [workdir / method / f"seed_{s}" for s in seeds] if len(seeds) > 1 else [workdir / method]
+    curves[method] = [[100 * r["accuracy"] for r in reporting.read_jsonl(d / "eval.jsonl")] for d in runs_dir]
+
+  first = next(iter(configs.values()))
+  rows = []
+  for method, r in results.items():
+    s = r["across_seeds"]
+    rows.append([method, f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}", f"{100 * s['std_of_seed_means']:.2f}",
+                 ", ".join(f"{100 * v:.2f}" for v in s["per_seed"]), f"{r['seconds'] / 60:.1f}"])
+  table = reporting.markdown_table(
+      [f"method", f"test acc. % (last {first.last_epochs} epochs, {len(seeds)} seeds pooled)",
+       "std of seed means", "per-seed means", "minutes"], rows)
+  command = "python -m experiments.compare " + " ".join(
+      [f"--config {args.config}", f"--methods {','.join(methods)}", f"--seeds {','.join(map(str, seeds))}",
+       f"--workdir {args.workdir}", *overrides])
+  text = (f"# {first.dataset.name}, {first.model.name}: {', '.join(methods)}\n\n"
+          f"Budget per run: {first.epochs} epochs, batch {first.batch_size}, "
+          f"{first.optimizer.schedule} learning rate from {first.optimizer.learning_rate}.\n\n{table}\n"
+          f"Command: `{command}`\n")
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "results.md").write_text(text)
+  (workdir / "results.json").write_text(json.dumps(reporting.to_jsonable(results), indent=2))
+  reporting.plot_comparison(curves, workdir / "comparison.png",
+                            title=f"{first.dataset.name}, {first.model.name}: test accuracy per epoch")
+  print("\n" + text)
+  print(f"plots: {workdir / 'comparison.png'}, per run: {workdir}/<method>/.../training.png, diagnostics.png")
+  return 0
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  sys.exit(main())

@@ -1,0 +1,166 @@
+"""The training program end to end: real and mock data, resume, devices, bad input."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import presets
+from ricci_jax import train, train_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FASHION = pathlib.Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(
+    not FASHION.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+
+def _small(method="rfdnn", model="mlp", **kw):
+  c = presets.fashion_mnist(method, model=model, epochs=2)
+  c.dataset.train_limit = 2048
+  c.dataset.test_limit = 1000
+  c.batch_size = 64
+  c.progress = False
+  c.plots = False
+  c.log_every_steps = 8
+  c.checkpoint_every_steps = 10
+  for k, v in kw.items():
+    train_config.apply_overrides(c, [f"{k}={v}"])
+  return c
+
+
+@needs_fashion
+@pytest.mark.parametrize("method", ["clipped_ste", "rfdnn"])
+def test_trains_well_above_chance_on_real_fashion_mnist(tmp_path, method):
+  config = _small(method, model="lenet5", plots=True)
+  summary = train.train(config, tmp_path)
+  assert summary["final_test_accuracy"] > 0.6  # chance is 0.1
+  assert summary["nonfinite_steps"] == 0
+  assert summary["quantized_layers"] == ["conv1/kernel", "dense1/kernel", "dense2/kernel"]
+  metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert metrics[-1]["step"] == 64 and "images_per_second" in metrics[-1]
+  evals = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+  assert [e["epoch"] for e in evals] == [1, 2] and evals[-1]["examples"] == 1000
+  assert (tmp_path / "training.png").stat().st_size > 10_000
+  if method == "rfdnn":
+    diags = [json.loads(x) for x in (tmp_path / "diagnostics.jsonl").read_text().splitlines()]
+    layer = diags[-1]["layers"]["conv1/kernel"]
+    assert 0 < layer["s"] < 1 and layer["dominant"] == 1.0 and layer["gate"] == 1.0
+    assert (tmp_path / "diagnostics.png").stat().st_size > 10_000
+    assert "ricci/residual_mean" in metrics[-1]
+
+
+@needs_fashion
+def test_resume_ends_with_exactly_the_parameters_of_an_uninterrupted_run(tmp_path):
+  config = _small("rfdnn")  # rf_sgd: the optimizer state carries the metric history too
+  train.train(config, tmp_path / "whole")
+  interrupted = _small("rfdnn", stop_after_steps=23)  # mid-epoch, between checkpoints
+  first = train.train(interrupted, tmp_path / "parts")
+  assert first["interrupted"] and first["steps"] == 23
+  resumed = train.train(_small("rfdnn"), tmp_path / "parts")
+  assert resumed["steps"] == 64 and not resumed["interrupted"]
+  a, b = train.load_checkpoint(tmp_path / "whole"), train.load_checkpoint(tmp_path / "parts")
+  assert int(a["step"]) == int(b["step"]) == 64
+  for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
+    np.testing.assert_array_equal(x, y)
+  for x, y in zip(jax.tree.leaves(a["opt_state"]), jax.tree.leaves(b["opt_state"])):
+    np.testing.assert_array_equal(x, y)
+  # the metrics files hold each step once
+  steps = [json.loads(x)["step"] for x in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+  assert steps == sorted(set(steps))
+
+
+def test_mock_cifar10_resnet20_runs_through_the_tfds_pipeline(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  config = presets.cifar_paper("cifar10", "resnet20", method="rfdnn")
+  overrides = ["dataset.source=tfds", "dataset.holdout_validation=False", "epochs=1", "batch_size=8",
+               "progress=False", "plots=False", "log_every_steps=2", "rfdnn.fraction=0.5"]
+  train_config.apply_overrides(config, overrides)
+  with tfds.testing.mock_data(num_examples=24):
+    summary = train.train(config, tmp_path)
+  assert summary["steps"] == 3 and summary["epochs_done"] == 1
+  assert summary["quantized_layers"][0] == "conv_init/kernel"  # the paper's "all layers"
+  assert np.isfinite(summary["final_test_accuracy"])
+
+
+@needs_fashion
+def test_nonfinite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_path):
+  config = _small("clipped_ste", **{"optimizer.learning_rate": 1e30, "max_consecutive_nonfinite": 3,
+                                     "log_every_steps": 1, "optimizer.schedule": "constant"})
+  with pytest.raises(train.NonFiniteLossError, match="consecutive steps had a non-finite loss"):
+    train.train(config, tmp_path)
+  state = train.load_checkpoint(tmp_path)
+  assert int(state["nonfinite_total"]) >= 3 and int(state["nonfinite_streak"]) >= 3
+
+
+@pytest.mark.parametrize("override,match", [
+    ("epoch=3", "unknown config key 'epoch'; valid keys: .*epochs"),
+    ("model.nam=mlp", "unknown config key 'model.nam'"),
+    ("model.name=resnet21", "unknown model 'resnet21'; valid: .*resnet20"),
+    ("quant.estimator=straight", "unknown estimator 'straight'; valid: ste, clipped_ste"),
+    ("optimizer.name=lion", "unknown optimizer 'lion'"),
+    ("quant.weight_bits=17", r"bits must be an integer in \[1, 16\]"),
+    ("rfdnn.shifts=(1, 1, 1, -1)", "k1 != k2"),
+    ("rfdnn.fraction=0", "fraction must be in"),
+    ("batch_size=0", "batch_size must be a positive integer"),
+    ("epochs=2.5", "expects a int"),
+])
+def test_bad_config_is_rejected_before_training(tmp_path, override, match):
+  config = _small()
+  with pytest.raises(ValueError, match=match):
+    train_config.apply_overrides(config, [override])
+    train_config.validate(config, tmp_path)
+
+
+def test_batch_size_must_split_over_the_devices(tmp_path):
+  config = _small(batch_size=64)
+  with pytest.raises(ValueError, match="must split evenly over 1 host.*3 device"):
+    train_config.validate(config, tmp_path, device_count=3)
+
+
+def test_unwritable_output_directory_is_rejected(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(ValueError, match="cannot be written"):
+    train_config.validate(_small(), blocker / "run")
+
+
+def test_cli_rejects_an_unknown_key_with_the_valid_ones(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.train", "--config", "experiments/configs/fashion_mnist.py:rfdnn",
+       "--workdir", str(tmp_path), "--config.epoch=3"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert "unknown config key 'epoch'; valid keys:" in proc.stderr and "epochs" in proc.stderr
+
+
+def test_cli_rejects_an_unknown_method():
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.train", "--config", "experiments/configs/fashion_mnist.py:nope"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and "unknown method 'nope'; valid methods:" in proc.stderr
+
+
+@needs_fashion
+def test_two_devices_give_the_result_of_one(tmp_path):
+  """jit with shardings (default) and pmap on two forced CPU devices against one device."""
+  script = REPO / "tests" / "multidevice_train.py"
+  runs = {"one": ("1", "False"), "two_jit": ("2", "False"), "two_pmap": ("2", "True")}
+  for name, (devices, pmap) in runs.items():
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / name), pmap], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert f"devices={devices}" in proc.stdout
+  ref = train.load_checkpoint(tmp_path / "one")
+  for name in ("two_jit", "two_pmap"):
+    other = train.load_checkpoint(tmp_path / name)
+    for x, y in zip(jax.tree.leaves(ref["params"]), jax.tree.leaves(other["params"])):
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=name)
+    for x, y in zip(jax.tree.leaves(ref["batch_stats"]), jax.tree.leaves(other["batch_stats"])):
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=name)
