@@ -299,3 +299,56 @@ def test_contract_dtype_preserved_and_state_stable(dtype):
     assert u.dtype == p.dtype
   assert jax.tree.map(lambda x: (x.shape, x.dtype), new_state) == jax.tree.map(lambda x: (x.shape, x.dtype), state)
   assert jax.tree.map(lambda x: x.dtype, new_params) == jax.tree.map(lambda x: x.dtype, params)
+
+
+# ---------------------------------------------------------------------------
+# End to end: a binarized MLP on real Fashion-MNIST, a hand-written loop.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_binarized_mlp_trains_with_rf_sgd_on_real_fashion_mnist():
+  import flax.linen as nn  # noqa: PLC0415
+
+  from ricci_jax import data  # noqa: PLC0415
+
+  w1 = rj.QuantConfig(weight=rj.TensorQuant(bits=1, estimator="clipped_ste"))
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = x.reshape(x.shape[0], -1)
+      x = nn.relu(nn.Dense(256, name="first")(x))
+      x = nn.relu(nn.LayerNorm()(rj.QuantDense(256, quant=w1, name="hidden")(x)))
+      return nn.Dense(10, name="last")(x)
+
+  model = MLP()
+  train_ds = data.load("fashion_mnist", "train", batch_size=128, limit=3072, seed=0)
+  test_ds = data.load("fashion_mnist", "test", batch_size=1000, limit=1000, shuffle=False)
+  x0 = jnp.zeros((1, 28, 28, 1))
+  params = model.init(jax.random.key(0), x0)["params"]
+  mask = rj.layers.quantized_kernel_mask(params, rj.quantized_kernels(model, x0))
+  tx = rj.rf_sgd(0.05, quantized=mask)
+  state = tx.init(params)
+
+  def loss_fn(p, batch):
+    logits = model.apply({"params": p}, batch["image"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+  @jax.jit
+  def step(p, s, images, labels):
+    batch = {"image": data.preprocess("fashion_mnist", images), "label": labels}
+    grads = jax.grad(loss_fn)(p, batch)
+    u, s = tx.update(grads, s, p, translated_grads=rj.translated_grads(loss_fn, p, batch))
+    return optax.apply_updates(p, u), s
+
+  for epoch in range(2):
+    for b in train_ds.epoch(epoch):
+      params, state = step(params, state, b["image"], b["label"])
+  test = next(iter(test_ds.epoch(0)))
+  logits = model.apply({"params": params}, data.preprocess("fashion_mnist", test["image"]))
+  accuracy = float(jnp.mean(jnp.argmax(logits, -1) == test["label"]))
+  assert accuracy > 0.7, accuracy  # chance is 0.1
+  diag = transform.layer_diagnostics(state)["hidden/kernel"]
+  assert float(diag.residual) > 0 and float(diag.gate) == 1.0 and 0 < float(diag.s) < 1
