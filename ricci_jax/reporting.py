@@ -98,7 +98,8 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _pyplot():
+def pyplot():
+  """matplotlib.pyplot with the non-interactive Agg backend."""
   import matplotlib  # noqa: PLC0415
 
   matplotlib.use("Agg")
@@ -109,7 +110,7 @@ def _pyplot():
 
 def plot_training(train: Sequence[Mapping], evals: Sequence[Mapping], path: str | os.PathLike, title: str = ""):
   """Loss and accuracy curves (train at log steps, test at epoch ends) into one PNG."""
-  plt = _pyplot()
+  plt = pyplot()
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
   if train:
     steps = [r["step"] for r in train]
@@ -145,7 +146,7 @@ def plot_diagnostics(records: Sequence[Mapping], path: str | os.PathLike, title:
   """
   if not records:
     return
-  plt = _pyplot()
+  plt = pyplot()
   layers = list(records[0]["layers"])
   steps = [r["step"] for r in records]
   fig, axes = plt.subplots(1, len(DIAGNOSTIC_PANELS), figsize=(4.2 * len(DIAGNOSTIC_PANELS), 3.8))
@@ -172,7 +173,7 @@ def plot_diagnostics(records: Sequence[Mapping], path: str | os.PathLike, title:
 def plot_comparison(curves: Mapping[str, Sequence[Sequence[float]]], path: str | os.PathLike,
                     ylabel: str = "test accuracy (%)", title: str = ""):
   """Mean and min-max band across seeds of one curve per method (x = epoch)."""
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.2))
   for name, runs in curves.items():
     length = min(len(r) for r in runs)

@@ -394,15 +394,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     start_step = int(state.step)
     for log in (metrics_log, eval_log, diag_log):
       log.truncate_after(start_step)
-  elif not config.resume or mgr.latest_step() is None:
+  else:  # a fresh run: no stale metrics, and the initial state is checkpoint 0
     for log in (metrics_log, eval_log, diag_log):
       log.path.unlink(missing_ok=True)
 
   train_fn, eval_fn = placement.train_fn(program), placement.eval_fn(program)
   dstate = placement.state(state)
+  meta = {"steps_per_epoch": steps_per_epoch, "name": config.name}
+  if start_step == 0:
+    _save(mgr, jax.device_get(state), meta)
   n_quant = sum(int(np.size(p)) for p, m in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(mask)) if m)
   n_params = sum(int(np.size(p)) for p in jax.tree.leaves(variables["params"]))
-  meta = {"steps_per_epoch": steps_per_epoch, "name": config.name}
 
   progress = _progress_bar(config, total_steps, start_step, config.name or config.model.name)
   pending: list[dict] = []
