@@ -21,12 +21,72 @@ import os
 import pathlib
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
+
+import ml_collections
 
 from experiments.train import load_config_file
 
 DEFAULT_CONFIG = "experiments/configs/fashion_mnist.py"
 DEFAULT_METHODS = "clipped_ste,rfdnn"
 DEFAULT_SEEDS = "0,1"
+
+
+def prepare(configs: Mapping[str, ml_collections.ConfigDict], seeds: Sequence[int], workdir: pathlib.Path,
+            overrides: Sequence[str] = ()) -> dict[str, ml_collections.ConfigDict]:
+  """Applies the overrides and seeds to every configuration and validates them all (before any training)."""
+  from ricci_jax import train_config  # noqa: PLC0415
+
+  out = {}
+  for label, config in configs.items():
+    config = ml_collections.ConfigDict(config.to_dict())
+    train_config.apply_overrides(config, overrides)
+    config.seeds = tuple(seeds)
+    train_config.validate(config, workdir / label)
+    out[label] = config
+  return out
+
+
+def run(configs: Mapping[str, ml_collections.ConfigDict], seeds: Sequence[int], workdir: pathlib.Path,
+        command: str = "") -> dict:
+  """Trains every (label, seed), then writes ``results.md``, ``results.json`` and ``comparison.png``.
+
+  Returns:
+    ``{"results": {label: train_seeds summary + seconds}, "table": markdown text}``.
+  """
+  from ricci_jax import reporting, train  # noqa: PLC0415
+
+  results, curves = {}, {}
+  for label, config in configs.items():
+    start = time.perf_counter()
+    summary = train.train_seeds(config, workdir / label)
+    results[label] = {**summary, "seconds": time.perf_counter() - start}
+    dirs = [workdir / label / f"seed_{s}" for s in seeds] if len(seeds) > 1 else [workdir / label]
+    curves[label] = [[100 * r["accuracy"] for r in reporting.read_jsonl(d / "eval.jsonl")] for d in dirs]
+
+  first = next(iter(configs.values()))
+  rows = []
+  for label, r in results.items():
+    s = r["across_seeds"]
+    rows.append([label, f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}", f"{100 * s['std_of_seed_means']:.2f}",
+                 ", ".join(f"{100 * v:.2f}" for v in s["per_seed"]), f"{r['seconds'] / 60:.1f}"])
+  table = reporting.markdown_table(
+      ["method", f"test acc. % (last {first.last_epochs} epochs, {len(seeds)} seeds pooled)",
+       "std of seed means", "per-seed means", "minutes"], rows)
+  text = (f"# {first.dataset.name}, {first.model.name}: {', '.join(configs)}\n\n"
+          f"Budget per run: {first.epochs} epochs, batch {first.batch_size}, "
+          f"{first.optimizer.schedule} learning rate from {first.optimizer.learning_rate}.\n\n{table}\n"
+          + (f"Command: `{command}`\n" if command else ""))
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "results.md").write_text(text)
+  (workdir / "results.json").write_text(json.dumps(reporting.to_jsonable(results), indent=2))
+  reporting.plot_comparison(curves, workdir / "comparison.png",
+                            title=f"{first.dataset.name}, {first.model.name}: test accuracy per epoch")
+  return {"results": results, "table": text}
+
+
+def configs_from_file(spec: str, methods: Sequence[str]) -> dict[str, ml_collections.ConfigDict]:
+  return {m: load_config_file(f"{spec}:{m}") for m in methods}
 
 
 def parse(argv=None):
@@ -45,53 +105,19 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
   args, overrides = parse(argv)
-  from ricci_jax import reporting, train, train_config  # noqa: PLC0415
-
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
   workdir = pathlib.Path(args.workdir)
-  configs = {}
   try:  # every configuration is checked before the first one trains
-    for method in methods:
-      config = load_config_file(f"{args.config}:{method}")
-      train_config.apply_overrides(config, overrides)
-      config.seeds = tuple(seeds)
-      train_config.validate(config, workdir / method)
-      configs[method] = config
+    configs = prepare(configs_from_file(args.config, methods), seeds, workdir, overrides)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-
-  results, curves = {}, {}
-  for method, config in configs.items():
-    start = time.perf_counter()
-    summary = train.train_seeds(config, workdir / method)
-    results[method] = {**summary, "seconds": time.perf_counter() - start}
-    runs_dir = [workdir / method / f"seed_{s}" for s in seeds] if len(seeds) > 1 else [workdir / method]
-    curves[method] = [[100 * r["accuracy"] for r in reporting.read_jsonl(d / "eval.jsonl")] for d in runs_dir]
-
-  first = next(iter(configs.values()))
-  rows = []
-  for method, r in results.items():
-    s = r["across_seeds"]
-    rows.append([method, f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}", f"{100 * s['std_of_seed_means']:.2f}",
-                 ", ".join(f"{100 * v:.2f}" for v in s["per_seed"]), f"{r['seconds'] / 60:.1f}"])
-  table = reporting.markdown_table(
-      [f"method", f"test acc. % (last {first.last_epochs} epochs, {len(seeds)} seeds pooled)",
-       "std of seed means", "per-seed means", "minutes"], rows)
   command = "python -m experiments.compare " + " ".join(
       [f"--config {args.config}", f"--methods {','.join(methods)}", f"--seeds {','.join(map(str, seeds))}",
        f"--workdir {args.workdir}", *overrides])
-  text = (f"# {first.dataset.name}, {first.model.name}: {', '.join(methods)}\n\n"
-          f"Budget per run: {first.epochs} epochs, batch {first.batch_size}, "
-          f"{first.optimizer.schedule} learning rate from {first.optimizer.learning_rate}.\n\n{table}\n"
-          f"Command: `{command}`\n")
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "results.md").write_text(text)
-  (workdir / "results.json").write_text(json.dumps(reporting.to_jsonable(results), indent=2))
-  reporting.plot_comparison(curves, workdir / "comparison.png",
-                            title=f"{first.dataset.name}, {first.model.name}: test accuracy per epoch")
-  print("\n" + text)
+  out = run(configs, seeds, workdir, command)
+  print("\n" + out["table"])
   print(f"plots: {workdir / 'comparison.png'}, per run: {workdir}/<method>/.../training.png, diagnostics.png")
   return 0
 
