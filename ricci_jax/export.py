@@ -692,9 +692,6 @@ def pack(params: Any, config: Any = None, *, batch_stats: Any = None, model: nn.
         tensors[f"{coll}/{path}"] = pack_kernel(value, cfg.weight, dtype, name=path, exact=exact)
       else:
         tensors[f"{coll}/{path}"] = float_tensor(value)
-  missing = sorted(set(kernels) - set(flat["params"]))
-  if missing:  # pragma: no cover - check_variables has the model's tree
-    raise ExportError(f"quantized kernels not in the params: {missing}")
   return Packed(model=description, input_shape=shape, tensors=tensors)
 
 

@@ -21,14 +21,25 @@ every conv / dense layer (by its name) a config with the training layer's
 activation quantizer and no weight quantizer. It therefore needs a model of
 :mod:`ricci_jax.models` (layers named uniquely and built through a rule).
 
-Speed, honestly: on CPU a W1A32 layer's matmul is the same float matmul
-whether its kernel came from latent weights (sign, in the training model) or
-from packed bits; unpacking costs about what quantizing does, so on-the-fly
-serving runs at the training model's eval speed, and serving with
-``unpack="once"`` at the float model's. The saving is memory: 1/32 of the
-kernels' float bytes stay resident. XOR-popcount kernels are not used: in XLA
-on CPU they are slower than the float matmul they would replace
-(``benchmarks/export_inference.py`` measures both).
+**XOR-popcount layers** (``xnor``, on by default on CPU): a conv or dense
+layer whose kernel *and* input are both sign-binarized with no scale (1-bit
+``uniform`` / ``dorefa`` kernel, 1-bit ``uniform`` input, scale ``none``,
+float32) is computed from the packed bits directly: the input's signs packed
+along the channels, XOR with the kernel's bits, popcount, ``C - 2 popcount``
+per tap, padded taps left out. That is exact: the float product of ±1 values
+sums integers below 2^24, which float32 holds exactly in any order. With a
+scale it would not be (sums of ±s round), so those layers are unpacked.
+
+Speed, honestly (``benchmarks/export_inference.py``, 2 loaded CPU cores): a
+W1A32 layer's matmul is the same float matmul whether its kernel came from
+latent weights (sign, in the training model) or from packed bits; unpacking
+costs about what quantizing does, so on-the-fly serving of W1A32 runs at the
+training model's eval speed, and ``unpack="once"`` at the float model's. The
+saving there is memory: 1/32 of the kernels' float bytes stay resident (XLA
+still materialises the unpacked kernels as temporaries during a call, so the
+peak is close to the float model's). For W1A1 without a scale the
+XOR-popcount layers are faster than the float convs they replace (measured
+1.3-3.4x per layer in XLA on CPU).
 
 Example::
 
@@ -55,6 +66,9 @@ from ricci_jax.models import QuantRule
 
 UNPACK_MODES = ("on_the_fly", "once")
 """When kernels are rebuilt from the packed words: in every forward pass, or once."""
+
+XNOR_METHODS = ("uniform", "dorefa")
+"""Kernel methods whose 1-bit forward values are +-1 (DoReFa's: the sign of tanh(w)/max|tanh(w)|)."""
 
 
 def serving_rule(model: nn.Module, input_shape: tuple[int, ...]) -> QuantRule:
@@ -106,6 +120,151 @@ def rebuild_variables(tensors: Mapping[str, export.PackedTensor],
   return {c: flax.traverse_util.unflatten_dict(v, sep="/") for c, v in flat.items() if v}
 
 
+@dataclasses.dataclass(frozen=True)
+class XnorLayer:
+  """A conv or dense layer computed with XOR-popcount.
+
+  Attributes:
+    kind: ``"conv"`` or ``"dense"``.
+    fan_in: the contraction length per tap (input channels of a conv, inputs of a dense).
+    word_bits: bits per word of the packed channels (8, 16 or 32).
+    window: a conv's kernel window (kh, kw).
+    strides: a conv's strides.
+    padding: a conv's ((top, bottom), (left, right)) zero padding.
+    bias: whether the layer adds a bias.
+  """
+
+  kind: str
+  fan_in: int
+  word_bits: int
+  window: tuple[int, ...] = ()
+  strides: tuple[int, ...] = ()
+  padding: tuple[tuple[int, int], ...] = ()
+  bias: bool = False
+
+
+_WORD_DTYPES = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}
+
+
+def _word_bits(fan_in: int) -> int:
+  return 8 if fan_in <= 8 else 16 if fan_in <= 16 else 32
+
+
+def pack_signs(x: jax.Array, word_bits: int) -> jax.Array:
+  """Sign bits (1 for x >= 0, as :func:`ricci_jax.binarize`) of the last axis, packed into words.
+
+  The last axis is zero-padded to a multiple of ``word_bits``; padded bits are
+  0 in the kernel's words too, so they never differ.
+  """
+  dtype = _WORD_DTYPES[word_bits]
+  n = x.shape[-1]
+  words = -(-n // word_bits)
+  bits = (x >= 0).astype(dtype)
+  if words * word_bits != n:
+    bits = jnp.pad(bits, [(0, 0)] * (x.ndim - 1) + [(0, words * word_bits - n)])
+  bits = bits.reshape(*x.shape[:-1], words, word_bits)
+  return jnp.sum(bits << jnp.arange(word_bits, dtype=dtype), axis=-1, dtype=dtype)
+
+
+def _xnor_eligible(config: QuantConfig | None, dtype: np.dtype) -> bool:
+  w = None if config is None else config.weight
+  a = None if config is None else config.act
+  return (w is not None and a is not None and w.bits == 1 and a.bits == 1 and w.method in XNOR_METHODS
+          and a.method == "uniform" and w.scale == "none" and a.scale == "none" and dtype == np.float32)
+
+
+def _explicit_padding(padding: Any, n: int) -> tuple[tuple[int, int], ...] | None:
+  if isinstance(padding, str):
+    return ((0, 0),) * n if padding.upper() == "VALID" else None
+  if isinstance(padding, int):
+    return ((padding, padding),) * n
+  try:
+    pairs = tuple((int(lo), int(hi)) for lo, hi in padding)
+  except (TypeError, ValueError):
+    return None
+  return pairs if len(pairs) == n else None
+
+
+def _ones(value: Any, n: int) -> bool:
+  return value is None or (value == 1 if isinstance(value, int) else tuple(value) == (1,) * n)
+
+
+def xnor_layers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, XnorLayer]:
+  """The layers of ``model`` that XOR-popcount computes exactly, by path.
+
+  Sign-binarized kernel and input without scales, float32, and a plain
+  geometry: a dense layer, or a 2-D conv without groups or dilation with
+  explicit (or ``VALID``) padding.
+  """
+  x = export._example(input_shape)  # noqa: SLF001
+  plan = models.layer_plan(model, x, train=False)
+  dtype = export.compute_dtype(model)
+  found: dict[str, XnorLayer] = {}
+
+  def record(next_fun, args, kwargs, context):
+    mod = context.module
+    path = "/".join(mod.path)
+    if (context.method_name == "__call__" and isinstance(mod, (nn.Conv, nn.Dense))
+        and _xnor_eligible(plan.get(path), dtype) and args[0].dtype == jnp.float32):
+      if isinstance(mod, nn.Dense):
+        k = int(args[0].shape[-1])
+        found[path] = XnorLayer("dense", k, _word_bits(k), bias=bool(mod.use_bias))
+      else:
+        window = tuple(mod.kernel_size) if not isinstance(mod.kernel_size, int) else (mod.kernel_size,)
+        padding = _explicit_padding(mod.padding, len(window))
+        plain = (len(window) == 2 and args[0].ndim == 4 and mod.feature_group_count == 1
+                 and all(_ones(d, len(window)) for d in (mod.input_dilation, mod.kernel_dilation)))
+        if plain and padding is not None:
+          strides = (1, 1) if mod.strides is None else (
+              (mod.strides,) * 2 if isinstance(mod.strides, int) else tuple(mod.strides))
+          c = int(args[0].shape[-1])
+          found[path] = XnorLayer("conv", c, _word_bits(c), window, strides, padding, bool(mod.use_bias))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  return found
+
+
+def xnor_kernel_words(tensor: export.PackedTensor, layer: XnorLayer) -> np.ndarray:
+  """A packed 1-bit kernel re-laid for XOR-popcount: (out, [kh, kw,] words over the fan-in)."""
+  bits = np.asarray(export.unpack_indices(tensor.arrays["words"], 1, tensor.size)).reshape(tensor.shape)
+  bits = np.moveaxis(bits, -1, 0).astype(np.float32) * 2 - 1  # (out, ..., fan_in) as +-1
+  return np.asarray(pack_signs(jnp.asarray(bits), layer.word_bits))
+
+
+def xnor_apply(layer: XnorLayer, x: jax.Array, words: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+  """The layer's float32 output, computed with XOR-popcount (exactly the float layer's on sign inputs)."""
+  a = pack_signs(x, layer.word_bits)
+  if layer.kind == "dense":
+    differ = jnp.sum(jax.lax.population_count(a[..., None, :] ^ words), axis=-1, dtype=jnp.int32)
+    y = (layer.fan_in - 2 * differ).astype(jnp.float32)
+    return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+  (pt, pb), (pl, pr) = layer.padding
+  (kh, kw), (sh, sw) = layer.window, layer.strides
+  b, h, w, _ = x.shape
+  oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+  padded = jnp.pad(a, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  valid = jnp.pad(jnp.ones((h, w), jnp.int32), ((pt, pb), (pl, pr)))
+  out = jnp.zeros((b, oh, ow, words.shape[0]), jnp.int32)
+  for i in range(kh):
+    for j in range(kw):
+      rows = slice(i, i + (oh - 1) * sh + 1, sh)
+      cols = slice(j, j + (ow - 1) * sw + 1, sw)
+      tap = padded[:, rows, cols, :]  # (b, oh, ow, words)
+      differ = jnp.sum(jax.lax.population_count(tap[..., None, :] ^ words[:, i, j, :]), axis=-1,
+                       dtype=jnp.int32)  # (b, oh, ow, out)
+      out = out + valid[rows, cols][None, :, :, None] * (layer.fan_in - 2 * differ)
+  y = out.astype(jnp.float32)
+  return y if bias is None else y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+
+
+def _lookup(tree: Mapping[str, Any], path: str) -> Any:
+  for part in path.split("/"):
+    tree = tree[part]
+  return tree
+
+
 class Predictor:
   """Eval-mode logits of a packed model.
 
@@ -116,15 +275,21 @@ class Predictor:
     unpack: ``"on_the_fly"`` (default; packed words resident, kernels rebuilt
       in every jitted forward) or ``"once"`` (kernels rebuilt now, float
       kernels resident).
+    xnor: compute the layers :func:`xnor_layers` finds with XOR-popcount from
+      the packed bits (``None``, the default: on the CPU backend, where it is
+      faster; see the module docstring).
 
   Attributes:
     model: the training model.
     serving: the serving model (:func:`serving_model`).
-    arrays: the device arrays the forward reads (packed, or rebuilt with ``"once"``).
+    xnor_layers: the layers computed with XOR-popcount, by path.
+    arrays: the device arrays the forward reads: ``"tensors"`` (packed, or
+      rebuilt with ``"once"``) and ``"xnor"`` (kernel bits of the XOR-popcount
+      layers, whose packed kernels are then not kept).
   """
 
   def __init__(self, packed: export.Packed | Any, *, model: nn.Module | None = None,
-               unpack: str = "on_the_fly"):
+               unpack: str = "on_the_fly", xnor: bool | None = None):
     if unpack not in UNPACK_MODES:
       raise ValueError(f"unknown unpack mode {unpack!r}; valid: {', '.join(UNPACK_MODES)}")
     if not isinstance(packed, export.Packed):
@@ -134,18 +299,37 @@ class Predictor:
     self.model = packed.build_model() if model is None else model
     self.serving = serving_model(self.model, self.input_shape)
     self.unpack = unpack
+    if xnor is None:
+      xnor = jax.default_backend() == "cpu"
+    self.xnor_layers = xnor_layers(self.model, self.input_shape) if xnor else {}
+    xnor_keys = {f"params/{p}/kernel" for p in self.xnor_layers}
     # the tensors' static description only: the arrays travel as jit arguments
-    self._tensors = {k: dataclasses.replace(t, arrays={}) for k, t in packed.tensors.items()}
-    packed_arrays = {k: {n: jnp.asarray(a) for n, a in t.arrays.items()} for k, t in packed.tensors.items()}
+    self._tensors = {k: dataclasses.replace(t, arrays={}) for k, t in packed.tensors.items() if k not in xnor_keys}
+    tensors = {k: {n: jnp.asarray(a) for n, a in t.arrays.items()}
+               for k, t in packed.tensors.items() if k not in xnor_keys}
+    words = {p: jnp.asarray(xnor_kernel_words(packed.tensors[f"params/{p}/kernel"], layer))
+             for p, layer in self.xnor_layers.items()}
     if unpack == "once":
-      self.arrays = jax.jit(lambda a: rebuild_variables(self._tensors, a))(packed_arrays)
-      self._forward = jax.jit(self._apply)
+      tensors = jax.jit(lambda a: rebuild_variables(self._tensors, a))(tensors)
+      self._forward = jax.jit(lambda a, x: self._apply(a["tensors"], a["xnor"], x))
     else:
-      self.arrays = packed_arrays
-      self._forward = jax.jit(lambda a, x: self._apply(rebuild_variables(self._tensors, a), x))
+      self._forward = jax.jit(lambda a, x: self._apply(rebuild_variables(self._tensors, a["tensors"]), a["xnor"], x))
+    self.arrays = {"tensors": tensors, "xnor": words}
 
-  def _apply(self, variables: Mapping[str, Any], x: jax.Array) -> jax.Array:
-    return self.serving.apply(variables, x, train=False)
+  def _apply(self, variables: Mapping[str, Any], words: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
+    if not self.xnor_layers:
+      return self.serving.apply(variables, x, train=False)
+
+    def intercept(next_fun, args, kwargs, context):
+      path = "/".join(context.module.path)
+      layer = self.xnor_layers.get(path) if context.method_name == "__call__" else None
+      if layer is None or not isinstance(context.module, (nn.Conv, nn.Dense)):
+        return next_fun(*args, **kwargs)
+      bias = _lookup(variables["params"], path)["bias"] if layer.bias else None
+      return xnor_apply(layer, args[0], words[path], bias)
+
+    with nn.intercept_methods(intercept):
+      return self.serving.apply(variables, x, train=False)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Logits for a batch ``x`` of preprocessed inputs, exactly as the training model's in eval mode."""

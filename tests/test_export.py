@@ -249,6 +249,10 @@ def test_a_truncated_file_is_refused(packed_file, tmp_path):
     cut.write_bytes(raw[:keep])
     with pytest.raises(export.PackedFileError, match="not a complete packed model.*truncated"):
       export.load(cut)
+  with pytest.raises(export.PackedFileError, match="truncated"):
+    export.unpack(cut)
+  with pytest.raises(export.PackedFileError, match="truncated"):
+    rj.inference.Predictor(cut)
 
 
 def test_a_file_of_another_version_is_refused(packed_file, tmp_path):

@@ -42,15 +42,17 @@ def _calibrated(model, variables, images):
   return {**variables, "batch_stats": jax.device_get(updates["batch_stats"])}
 
 
-def _assert_served_exactly(packed, model, variables, images, tmp_path, modes=("on_the_fly",)):
+def _assert_served_exactly(packed, model, variables, images, tmp_path, modes=("on_the_fly",), xnor=None):
   """The packed model, through its file, gives exactly the training model's eval logits."""
   path = tmp_path / "model.npz"
   export.save(packed, path)
   want = np.asarray(inference.training_forward(model)(inference.device_variables(variables), images))
   assert np.all(np.isfinite(want)) and np.min(np.std(want, axis=0)) > 1e-3  # logits vary with the input
   for mode in modes:
-    got = np.asarray(inference.Predictor(path, unpack=mode)(images))
-    np.testing.assert_array_equal(got, want, err_msg=mode)
+    predictor = inference.Predictor(path, unpack=mode)
+    if xnor is not None:
+      assert sorted(predictor.xnor_layers) == sorted(xnor)
+    np.testing.assert_array_equal(np.asarray(predictor(images)), want, err_msg=mode)
   return want
 
 
@@ -95,6 +97,21 @@ def test_quantized_activations_and_every_kernel_format_serve_exactly(tmp_path, n
                          modes=("on_the_fly", "once"))
 
 
+@needs_fashion
+def test_xor_popcount_layers_serve_exactly_on_real_fashion_mnist(tmp_path):
+  """W1A1 without a scale: LeNet-5's conv1 (5x5, no padding) and dense layers run as XOR-popcount."""
+  rule = QuantRule(weight=rj.TensorQuant(bits=1), act=rj.TensorQuant(bits=1, estimator="ste"))
+  model = models.create("lenet5", num_classes=10, quant=rule, order="conv_relu_bn")
+  images, _ = _fashion_images(64)
+  variables = _calibrated(model, _variables(model, (28, 28, 1)), images)
+  packed = export.pack(variables, model)
+  _assert_served_exactly(packed, model, variables, images, tmp_path, modes=("on_the_fly", "once"),
+                         xnor=["conv1", "dense1", "dense2"])
+  plain = inference.Predictor(packed, xnor=False)
+  assert plain.xnor_layers == {}
+  np.testing.assert_array_equal(plain(images), inference.Predictor(packed)(images))
+
+
 def test_ridge_packed_inexactly_serves_close(tmp_path):
   rule = QuantRule(weight=rj.TensorQuant(bits=2, method="ridge", estimator="ste", ridge_block_size=None))
   model = models.create("mlp", num_classes=10, quant=rule, hidden=(32, 24))
@@ -109,23 +126,28 @@ def test_ridge_packed_inexactly_serves_close(tmp_path):
   np.testing.assert_allclose(inference.Predictor(tmp_path / "ridge.npz")(x), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("which", ["paper_config", "reste_w1a1"])
-def test_a_binarized_resnet20_serves_exactly_on_mock_cifar10(tmp_path, which):
+@pytest.mark.parametrize("which", ["paper_config", "reste_w1a1", "xnor_w1a1"])
+def test_a_binarized_resnet_serves_exactly_on_mock_cifar10(tmp_path, which):
   tfds = pytest.importorskip("tensorflow_datasets")
+  xnor = None
   if which == "paper_config":  # the training program's config: every layer's weights binarized
     config = presets.cifar_paper("cifar10", "resnet20", method="rfdnn")
     model = export.resolve_model(config)
-  else:  # ReSTE's resnet20_1w1a: inner layers W1A1 with the mean|W| scale
+  elif which == "reste_w1a1":  # ReSTE's resnet20_1w1a: inner layers W1A1 with the mean|W| scale
     config = QuantRule(weight=rj.TensorQuant(bits=1, estimator="reste", scale="tensor"),
                        act=rj.TensorQuant(bits=1, estimator="reste"))
     model = models.create("resnet20", num_classes=10, quant=config, order="conv_relu_bn")
+  else:  # W1A1 without a scale: XOR-popcount convs, strided and padded (ResNet-8: one block per stage)
+    config = QuantRule(weight=rj.TensorQuant(bits=1), act=rj.TensorQuant(bits=1))
+    model = models.CifarResNet(depth=8, quant=config, order="conv_relu_bn")
+    xnor = [f"stage{s}_block0_conv{c}" for s in (1, 2, 3) for c in (1, 2)]
   with tfds.testing.mock_data(num_examples=16):
     batch = next(iter(data.load("cifar10", "test", batch_size=16, source="tfds").epoch(0)))
   images = data.preprocess("cifar10", batch["image"])
   variables = _calibrated(model, _variables(model, (32, 32, 3)), images)
   packed = export.pack(variables, config, model=model if which != "paper_config" else None)
-  assert len(packed.quantized()) == (20 if which == "paper_config" else 18)
-  _assert_served_exactly(packed, model, variables, images, tmp_path)
+  assert len(packed.quantized()) == {"paper_config": 20, "reste_w1a1": 18, "xnor_w1a1": 6}[which]
+  _assert_served_exactly(packed, model, variables, images, tmp_path, xnor=xnor)
 
 
 def test_the_serving_model_quantizes_inputs_only():
