@@ -287,13 +287,13 @@ def bench_xnor(repeats: int) -> dict:
     tensor = export.pack_kernel(w, W1)
     fan_in = k_shape[-2]
     if kind == "conv":
-      layer = inference.XnorLayer("conv", fan_in, inference._word_bits(fan_in), k_shape[:2], (stride, stride),  # noqa: SLF001
+      layer = inference.XnorLayer("conv", fan_in, inference.xnor_word_bits(fan_in), k_shape[:2], (stride, stride),
                                   ((1, 1), (1, 1)))
       float_fn = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
           rj.binarize(x), rj.binarize(w), (stride, stride), ((1, 1), (1, 1)),
           dimension_numbers=("NHWC", "HWIO", "NHWC")))
     else:
-      layer = inference.XnorLayer("dense", fan_in, inference._word_bits(fan_in))  # noqa: SLF001
+      layer = inference.XnorLayer("dense", fan_in, inference.xnor_word_bits(fan_in))
       float_fn = jax.jit(lambda x, w: jnp.dot(rj.binarize(x), rj.binarize(w)))
     words = jnp.asarray(inference.xnor_kernel_words(tensor, layer))
     xnor_fn = jax.jit(lambda x, words: inference.xnor_apply(layer, x, words))

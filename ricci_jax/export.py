@@ -209,13 +209,14 @@ def input_shape_for(model: nn.Module, config: Any = None,
   raise ExportError(f"{type(model).__name__} is not a model of ricci_jax.models: pass input_shape=(H, W, C)")
 
 
-def _example(shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+def example_input(shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+  """An abstract batch of one example of ``shape`` (for tracing)."""
   return jax.ShapeDtypeStruct((1, *shape), jnp.float32)
 
 
 def abstract_variables(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Any]:
   """Shapes and dtypes of ``model``'s variables (``jax.eval_shape``, no computation)."""
-  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), _example(input_shape))
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), example_input(input_shape))
 
 
 def compute_dtype(model: nn.Module) -> np.dtype:
@@ -224,7 +225,8 @@ def compute_dtype(model: nn.Module) -> np.dtype:
   return np.dtype(jnp.dtype(dtype if dtype is not None else jnp.float32))
 
 
-def _flatten(tree: Any) -> dict[str, Any]:
+def flatten(tree: Any) -> dict[str, Any]:
+  """A nested dict (or FrozenDict, or None) as ``{"a/b/leaf": value}``."""
   if tree is None:
     return {}
   return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
@@ -262,14 +264,14 @@ def check_variables(model: nn.Module, input_shape: tuple[int, ...], params: Any,
   out: dict[str, dict[str, np.ndarray]] = {}
   problems = []
   for coll in COLLECTIONS:
-    want = _flatten(expected.get(coll))
+    want = flatten(expected.get(coll))
     if coll == "batch_stats" and given[coll] is None:
       if want and require_stats:
         problems.append(f"the model has BatchNorm statistics ({len(want)} arrays) but none were "
                         "given: pass batch_stats=... or the variables dict / checkpoint")
       out[coll] = {}
       continue
-    got = _flatten(given[coll])
+    got = flatten(given[coll])
     missing = sorted(set(want) - set(got))
     extra = sorted(set(got) - set(want))
     shapes = [f"{k} {tuple(np.shape(got[k]))} (expected {tuple(want[k].shape)})"
@@ -682,7 +684,7 @@ def pack(params: Any, config: Any = None, *, batch_stats: Any = None, model: nn.
   params, batch_stats = split_variables(params, batch_stats)
   flat = check_variables(model, shape, params, batch_stats)
   description = describe_model(model)
-  kernels = {"/".join(p): c for p, c in layers.quantized_kernels(model, _example(shape), train=False).items()}
+  kernels = {"/".join(p): c for p, c in layers.quantized_kernels(model, example_input(shape), train=False).items()}
   dtype = compute_dtype(model)
   tensors: dict[str, PackedTensor] = {}
   for coll in COLLECTIONS:
@@ -987,7 +989,7 @@ def float32_file_nbytes(variables: Mapping[str, Any]) -> int:
   buffer = io.BytesIO()
   flat = {}
   for coll in COLLECTIONS:
-    for k, v in _flatten(variables.get(coll)).items():
+    for k, v in flatten(variables.get(coll)).items():
       flat[re.sub(r"[^A-Za-z0-9_]", "_", f"{coll}/{k}")] = np.asarray(v, np.float32)
   np.savez(buffer, **flat)
   return len(buffer.getvalue())

@@ -12,8 +12,9 @@ Because :func:`ricci_jax.export.pack` checks that every rebuilt kernel is bit
 for bit the one the training forward computes, and the serving model is the
 training model's own code with the weight quantizer switched off, the logits
 are *equal* (not close) to ``model.apply(variables, x, train=False)`` of the
-training model on the same backend (tested on real Fashion-MNIST and mock
-CIFAR-10).
+training model on the same backend (tested on CPU, on real Fashion-MNIST and
+mock CIFAR-10; untested on GPU, where XLA autotunes conv algorithms per
+program and might pick different ones for the two).
 
 How the weight quantizer is switched off: the serving model is the training
 model cloned with a :class:`~ricci_jax.models.QuantRule` whose overrides give
@@ -86,7 +87,7 @@ def serving_rule(model: nn.Module, input_shape: tuple[int, ...]) -> QuantRule:
   if "quant" not in {f.name for f in dataclasses.fields(model)}:
     raise export.ExportError(f"{type(model).__name__} has no 'quant' rule attribute: only models built "
                              "through a QuantRule (ricci_jax.models) can be served from packed kernels")
-  plan = models.layer_plan(model, export._example(input_shape), train=False)  # noqa: SLF001
+  plan = models.layer_plan(model, export.example_input(input_shape), train=False)
   names = [path.split("/")[-1] for path in plan]
   repeated = sorted({n for n in names if names.count(n) > 1})
   if repeated:
@@ -105,7 +106,7 @@ def serving_model(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
   input exactly as ``model``'s does.
   """
   serving = model.clone(quant=serving_rule(model, input_shape))
-  x = export._example(input_shape)  # noqa: SLF001
+  x = export.example_input(input_shape)
   if layers.quantized_kernels(serving, x, train=False):  # pragma: no cover - the rule has no weight
     raise AssertionError("the serving model still quantizes kernels")
   want = {p: (c.act if c else None) for p, c in models.layer_plan(model, x, train=False).items()}
@@ -151,7 +152,8 @@ class XnorLayer:
 _WORD_DTYPES = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}
 
 
-def _word_bits(fan_in: int) -> int:
+def xnor_word_bits(fan_in: int) -> int:
+  """Word size for a fan-in's sign bits: 8, 16 or 32 (larger fan-ins take several 32-bit words)."""
   return 8 if fan_in <= 8 else 16 if fan_in <= 16 else 32
 
 
@@ -201,7 +203,7 @@ def xnor_layers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Xno
   geometry: a dense layer, or a 2-D conv without groups or dilation with
   explicit (or ``VALID``) padding.
   """
-  x = export._example(input_shape)  # noqa: SLF001
+  x = export.example_input(input_shape)
   plan = models.layer_plan(model, x, train=False)
   dtype = export.compute_dtype(model)
   found: dict[str, XnorLayer] = {}
@@ -213,7 +215,7 @@ def xnor_layers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Xno
         and _xnor_eligible(plan.get(path), dtype) and args[0].dtype == jnp.float32):
       if isinstance(mod, nn.Dense):
         k = int(args[0].shape[-1])
-        found[path] = XnorLayer("dense", k, _word_bits(k), bias=bool(mod.use_bias))
+        found[path] = XnorLayer("dense", k, xnor_word_bits(k), bias=bool(mod.use_bias))
       else:
         window = tuple(mod.kernel_size) if not isinstance(mod.kernel_size, int) else (mod.kernel_size,)
         padding = _explicit_padding(mod.padding, len(window))
@@ -223,7 +225,7 @@ def xnor_layers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Xno
           strides = (1, 1) if mod.strides is None else (
               (mod.strides,) * 2 if isinstance(mod.strides, int) else tuple(mod.strides))
           c = int(args[0].shape[-1])
-          found[path] = XnorLayer("conv", c, _word_bits(c), window, strides, padding, bool(mod.use_bias))
+          found[path] = XnorLayer("conv", c, xnor_word_bits(c), window, strides, padding, bool(mod.use_bias))
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):

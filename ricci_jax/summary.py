@@ -179,7 +179,7 @@ def _calls(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, dict[str
     return out
 
   with nn.intercept_methods(record):
-    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), export._example(input_shape))  # noqa: SLF001
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), export.example_input(input_shape))
   return calls
 
 
@@ -255,9 +255,9 @@ def summary(model: nn.Module | None, params: Any = None, config: Any = None, *, 
     params, batch_stats = export.split_variables(params, batch_stats)
     export.check_variables(model, shape, params, batch_stats, require_stats=False)
   abstract = export.abstract_variables(model, shape)
-  flat_params = export._flatten(abstract.get("params"))  # noqa: SLF001
-  stats = [v for v in export._flatten(abstract.get("batch_stats")).values()]  # noqa: SLF001
-  plan = models.layer_plan(model, export._example(shape), train=False)  # noqa: SLF001
+  flat_params = export.flatten(abstract.get("params"))
+  stats = [v for v in export.flatten(abstract.get("batch_stats")).values()]
+  plan = models.layer_plan(model, export.example_input(shape), train=False)
   calls = _calls(model, shape)
   dtype = export.compute_dtype(model)
 

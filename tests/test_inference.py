@@ -154,7 +154,7 @@ def test_the_serving_model_quantizes_inputs_only():
   rule = QuantRule(weight=rj.TensorQuant(bits=1), act=rj.TensorQuant(bits=1))
   model = models.create("resnet20", num_classes=10, quant=rule, order="conv_relu_bn")
   serving = inference.serving_model(model, (32, 32, 3))
-  x = export._example((32, 32, 3))  # noqa: SLF001
+  x = export.example_input((32, 32, 3))
   assert rj.quantized_kernels(serving, x, train=False) == {}
   plan = models.layer_plan(serving, x, train=False)
   assert plan["conv_init"] is None and plan["head"] is None
