@@ -7,6 +7,8 @@ named modules (``ricci_jax.quantizers``, ``ricci_jax.estimators``, ...).
 from ricci_jax import (
     data,
     estimators,
+    export,
+    inference,
     layers,
     lne,
     models,
@@ -27,6 +29,7 @@ from ricci_jax.layers import (
     set_quant_hparams,
 )
 from ricci_jax.ricci_flow import Shifts, translated_grads
+from ricci_jax.summary import summary
 from ricci_jax.transform import rf_sgd, scale_by_lne, scale_by_ricci_flow
 from ricci_jax.quantizers import (
     binarize,
@@ -54,6 +57,8 @@ __all__ = [
     "data",
     "dorefa_weights",
     "estimators",
+    "export",
+    "inference",
     "layers",
     "lne",
     "models",
@@ -67,6 +72,7 @@ __all__ = [
     "schedules",
     "set_quant_hparams",
     "staircase_relu",
+    "summary",
     "transform",
     "translated_grads",
     "uniform",

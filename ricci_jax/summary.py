@@ -1,0 +1,379 @@
+"""A model's quantization, size and cost, layer by layer: :func:`summary`.
+
+For every layer that owns parameters, in the order the forward pass calls
+them: its type, how its kernel (W) and input (A) are quantized (bits, method,
+estimator, scale mode), its parameter count, their memory in float32 and as
+:func:`ricci_jax.export.pack` stores them, and its multiply-accumulates per
+example. Then the totals: parameters (quantized and float), BatchNorm running
+statistics, the memory of both, the compression ratio against float32, and the
+MACs split by precision.
+
+**MAC precision** (larq's convention): a layer's MACs are *binary* when both
+its kernel and its input are 1-bit (XNOR-popcount hardware territory),
+*k-bit* when both are quantized and one has more bits, and *float* otherwise,
+including a quantized kernel on a float input (W1A32: the multiplies become
+sign flips, but the additions stay float).
+
+**Packed memory** is what the packed file's payload holds for the layer: the
+bytes of every stored array (:func:`ricci_jax.export.packed_nbytes`), not the
+file's header. Ridge kernels are counted as ``pack(..., exact=False)`` stores
+them (exact packing refuses them).
+
+MACs are counted from the model, not from a table: the forward pass is traced
+abstractly (``jax.eval_shape``, no computation) with every conv and dense call
+intercepted, and a layer's MACs are its output elements times its kernel's
+fan-in (``prod(kernel.shape[:-1])``; right for grouped and depthwise convs).
+Which layers are quantized, and how, comes from
+:func:`ricci_jax.models.layer_plan`.
+
+Example::
+
+    print(rj.summary(model, variables["params"]))            # the model's own rule
+    print(rj.summary(model, params, config))                 # the training program's config
+    table = rj.summary(model, params, rule); table.to_dict()  # JSON-able
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from ricci_jax import export, models
+from ricci_jax.config import QuantConfig, TensorQuant
+
+MAC_PRECISIONS = ("binary", "k-bit", "float")
+"""The MAC classes, see the module docstring."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSummary:
+  """One row: a module that owns parameters.
+
+  Attributes:
+    name: its path (``/``-joined).
+    type: ``conv 3x3``, ``conv 3x3 /2`` (stride 2), ``dense``, ``batchnorm``, ...
+    weight: its kernel's quantizer (``None``: float or no kernel).
+    act: its input's quantizer (``None``: float or not a conv / dense).
+    params: parameter count.
+    kernel_params: of which in its kernel (0 without one).
+    float32_bytes: the parameters' bytes in float32.
+    packed_bytes: the bytes :func:`ricci_jax.export.pack` stores for them.
+    macs: multiply-accumulates per example (0 for a layer without a kernel).
+    mac_precision: one of :data:`MAC_PRECISIONS`, or ``None`` without MACs.
+  """
+
+  name: str
+  type: str
+  weight: TensorQuant | None
+  act: TensorQuant | None
+  params: int
+  kernel_params: int
+  float32_bytes: int
+  packed_bytes: int
+  macs: int
+  mac_precision: str | None
+
+  def to_dict(self) -> dict[str, Any]:
+    return {**dataclasses.asdict(self), "weight": export.tensor_quant_to_json(self.weight),
+            "act": export.tensor_quant_to_json(self.act)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+  """A model's summary; ``str(summary)`` is the table.
+
+  Attributes:
+    model: the model's name (``resnet20``) or class.
+    input_shape: one example's shape.
+    dtype: the compute dtype (kernels are quantized in it).
+    rows: one per module that owns parameters, in call order.
+    stats_count: BatchNorm running statistics (values).
+    stats_bytes: their bytes (float32, stored as they are in both).
+  """
+
+  model: str
+  input_shape: tuple[int, ...]
+  dtype: str
+  rows: tuple[LayerSummary, ...]
+  stats_count: int
+  stats_bytes: int
+
+  @property
+  def params(self) -> int:
+    return sum(r.params for r in self.rows)
+
+  @property
+  def quantized_params(self) -> int:
+    """Parameters in quantized kernels."""
+    return sum(r.kernel_params for r in self.rows if r.weight is not None)
+
+  @property
+  def float32_bytes(self) -> int:
+    return sum(r.float32_bytes for r in self.rows)
+
+  @property
+  def packed_bytes(self) -> int:
+    return sum(r.packed_bytes for r in self.rows)
+
+  @property
+  def macs(self) -> dict[str, int]:
+    """MACs per example by precision (every key of :data:`MAC_PRECISIONS`)."""
+    out = dict.fromkeys(MAC_PRECISIONS, 0)
+    for r in self.rows:
+      if r.mac_precision is not None:
+        out[r.mac_precision] += r.macs
+    return out
+
+  def totals(self) -> dict[str, Any]:
+    """The totals as a JSON-able dict (what the training program saves with its results)."""
+    with_stats_f32 = self.float32_bytes + self.stats_bytes
+    with_stats_packed = self.packed_bytes + self.stats_bytes
+    return {
+        "params": self.params, "quantized_params": self.quantized_params,
+        "float_params": self.params - self.quantized_params,
+        "float32_bytes": self.float32_bytes, "packed_bytes": self.packed_bytes,
+        "compression": _ratio(self.float32_bytes, self.packed_bytes),
+        "batch_stats": self.stats_count, "batch_stats_bytes": self.stats_bytes,
+        "float32_bytes_with_stats": with_stats_f32, "packed_bytes_with_stats": with_stats_packed,
+        "compression_with_stats": _ratio(with_stats_f32, with_stats_packed),
+        "macs": sum(self.macs.values()), "macs_by_precision": self.macs,
+    }
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"model": self.model, "input_shape": list(self.input_shape), "dtype": self.dtype,
+            "layers": [r.to_dict() for r in self.rows], "totals": self.totals()}
+
+  def text(self) -> str:
+    """The table and the totals, as printed."""
+    return _format(self)
+
+  def __str__(self) -> str:
+    return self.text()
+
+
+def _ratio(a: int, b: int) -> float:
+  return round(a / b, 2) if b else float("inf")
+
+
+# ----------------------------------------------------------------------------
+# Tracing the forward pass.
+# ----------------------------------------------------------------------------
+
+
+def _calls(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, dict[str, Any]]:
+  """Every module the forward pass calls, by path, in call order, with conv / dense output shapes."""
+  calls: dict[str, dict[str, Any]] = {}
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    mod = context.module
+    entry = calls.setdefault("/".join(mod.path), {"module": mod})
+    out = next_fun(*args, **kwargs)
+    if isinstance(mod, (nn.Conv, nn.Dense)) and "out_shape" not in entry:
+      entry["out_shape"] = tuple(out.shape)
+    return out
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), export.example_input(input_shape))
+  return calls
+
+
+def _pair(value: Any, n: int) -> tuple[int, ...]:
+  if value is None:
+    return (1,) * n
+  if isinstance(value, int):
+    return (value,) * n
+  return tuple(int(v) for v in value)
+
+
+def _type(mod: nn.Module | None, kernel_shape: tuple[int, ...] | None) -> str:
+  if isinstance(mod, nn.Conv):
+    window = kernel_shape[:-2]
+    label = "conv " + "x".join(str(k) for k in window)
+    strides = _pair(mod.strides, len(window))
+    if any(s != 1 for s in strides):
+      label += " /" + "x".join(str(s) for s in strides) if len(set(strides)) > 1 else f" /{strides[0]}"
+    if mod.feature_group_count > 1:
+      label = ("dw" if kernel_shape[-2] == 1 else f"g{mod.feature_group_count} ") + label
+    return label
+  if isinstance(mod, nn.Dense):
+    return "dense"
+  if isinstance(mod, nn.BatchNorm):
+    return "batchnorm"
+  return type(mod).__name__.lower() if mod is not None else "?"
+
+
+def mac_precision(config: QuantConfig | None) -> str:
+  """The MAC class of a conv / dense layer with ``config`` (see the module docstring)."""
+  w = config.weight.bits if config is not None and config.weight is not None else None
+  a = config.act.bits if config is not None and config.act is not None else None
+  if w is None or a is None:
+    return "float"
+  return "binary" if max(w, a) == 1 else "k-bit"
+
+
+def _zoo_name(model: nn.Module) -> str:
+  for name, info in models.MODELS.items():
+    if type(model) is info.cls and all(getattr(model, k, None) == v for k, v in info.fixed.items()):
+      return name
+  return type(model).__name__
+
+
+def summary(model: nn.Module | None, params: Any = None, config: Any = None, *, batch_stats: Any = None,
+            input_shape: tuple[int, ...] | None = None) -> Summary:
+  """Per-layer quantization, parameters, memory (float32 and packed) and MACs of a model.
+
+  Args:
+    model: the model (e.g. from :func:`ricci_jax.models.create`); ``None``
+      with a training config: the model that config builds.
+    params: its parameters (checked against the model: shapes must match), a
+      variables dict or a training checkpoint; ``None`` counts from the
+      model's abstract shapes.
+    config: how the model is quantized: ``None`` (the model's own
+      ``model.quant``), a :class:`~ricci_jax.models.QuantRule` (the model with
+      that rule), or the training program's ``ml_collections`` config (the
+      model must be the architecture it builds; its rule is used).
+    batch_stats: BatchNorm statistics, if not in ``params`` (only checked;
+      their count comes from the model).
+    input_shape: one example's shape, for a model outside the zoo.
+
+  Returns:
+    A :class:`Summary`; ``print`` it for the table.
+
+  Raises:
+    ricci_jax.export.ExportError: parameters that do not match the model, or
+      a config that is not the model's.
+  """
+  model = export.resolve_model(config, model)
+  shape = export.input_shape_for(model, config, input_shape)
+  if params is not None:
+    params, batch_stats = export.split_variables(params, batch_stats)
+    export.check_variables(model, shape, params, batch_stats, require_stats=False)
+  abstract = export.abstract_variables(model, shape)
+  flat_params = export.flatten(abstract.get("params"))
+  stats = [v for v in export.flatten(abstract.get("batch_stats")).values()]
+  plan = models.layer_plan(model, export.example_input(shape), train=False)
+  calls = _calls(model, shape)
+  dtype = export.compute_dtype(model)
+
+  owners: dict[str, list[str]] = {}
+  for path in flat_params:
+    owner, _, leaf = path.rpartition("/")
+    owners.setdefault(owner, []).append(leaf)
+  order = {p: i for i, p in enumerate(calls)}
+  rows = []
+  for owner in sorted(owners, key=lambda p: (order.get(p, len(order)), p)):
+    leaves = {leaf: tuple(flat_params[f"{owner}/{leaf}"].shape) for leaf in owners[owner]}
+    itemsize = {leaf: flat_params[f"{owner}/{leaf}"].dtype.itemsize for leaf in owners[owner]}
+    config_ = plan.get(owner)
+    weight = config_.weight if config_ is not None else None
+    kernel = leaves.get("kernel")
+    packed = 0
+    for leaf, leaf_shape in leaves.items():
+      spec = weight if leaf == "kernel" else None
+      packed += export.packed_nbytes(leaf_shape, spec, dtype) if spec is not None else (
+          math.prod(leaf_shape) * itemsize[leaf])
+    entry = calls.get(owner, {})
+    macs, precision = 0, None
+    if kernel is not None and "out_shape" in entry:
+      macs = math.prod(entry["out_shape"][1:]) * math.prod(kernel[:-1])
+      precision = mac_precision(config_)
+    count = sum(math.prod(s) for s in leaves.values())
+    row = LayerSummary(
+        name=owner, type=_type(entry.get("module"), kernel), weight=weight,
+        act=config_.act if config_ is not None else None, params=count,
+        kernel_params=math.prod(kernel) if kernel is not None else 0, float32_bytes=4 * count,
+        packed_bytes=packed, macs=macs, mac_precision=precision)
+    rows.append(row)
+  return Summary(
+      model=_zoo_name(model), input_shape=tuple(shape), dtype=dtype.name, rows=tuple(rows),
+      stats_count=sum(math.prod(s.shape) for s in stats),
+      stats_bytes=sum(math.prod(s.shape) * s.dtype.itemsize for s in stats))
+
+
+# ----------------------------------------------------------------------------
+# The text table.
+# ----------------------------------------------------------------------------
+
+
+def _bits(spec: TensorQuant | None) -> str:
+  return "float" if spec is None else str(spec.bits)
+
+
+def _quantizer(spec: TensorQuant | None) -> str:
+  if spec is None:
+    return "-"
+  return spec.method if spec.method == "ridge" else f"{spec.method}/{spec.estimator}"
+
+
+def _human(n: float) -> str:
+  for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if n >= size:
+      return f"{n / size:.2f} {unit}"
+  return f"{n:.0f} B"
+
+
+def _mega(n: int) -> str:
+  return f"{n / 1e6:.2f} M"
+
+
+def _share(part: int, whole: int) -> str:
+  return f"{100 * part / whole:.2f}%" if whole else "-"
+
+
+_COLUMNS = (
+    # header, width, align, value
+    ("layer", None, "<", lambda r: r.name),
+    ("type", 13, "<", lambda r: r.type),
+    ("W", 5, ">", lambda r: _bits(r.weight) if r.macs or r.weight else "-"),
+    ("A", 5, ">", lambda r: _bits(r.act) if r.macs or r.act else "-"),
+    ("W quantizer", 22, "<", lambda r: _quantizer(r.weight)),
+    ("A quantizer", 22, "<", lambda r: _quantizer(r.act)),
+    ("scale", 7, "<", lambda r: r.weight.scale if r.weight is not None else "-"),
+    ("params", 9, ">", lambda r: f"{r.params:,}"),
+    ("float32 B", 11, ">", lambda r: f"{r.float32_bytes:,}"),
+    ("packed B", 10, ">", lambda r: f"{r.packed_bytes:,}"),
+    ("MACs", 12, ">", lambda r: f"{r.macs:,}" if r.mac_precision else "-"),
+    ("MACs as", 7, "<", lambda r: r.mac_precision or "-"),
+)
+
+
+def _format(s: Summary) -> str:
+  name_width = max([len("layer"), len("total")] + [len(r.name) for r in s.rows])
+  widths = [name_width if w is None else w for _, w, _, _ in _COLUMNS]
+
+  def line(cells):
+    return "  ".join(f"{c:{a}{w}}" for c, (_, _, a, _), w in zip(cells, _COLUMNS, widths)).rstrip()
+
+  header = line([h for h, _, _, _ in _COLUMNS])
+  rule = "-" * len(header)
+  macs = s.macs
+  total_macs = sum(macs.values())
+  t = s.totals()
+  total = line(["total", "", "", "", "", "", "", f"{s.params:,}", f"{s.float32_bytes:,}", f"{s.packed_bytes:,}",
+                f"{total_macs:,}", ""])
+  shape = "x".join(str(d) for d in s.input_shape)
+  lines = [
+      f"Model summary: {s.model}, input {shape}, compute dtype {s.dtype}",
+      rule, header, rule, *(line([f(r) for _, _, _, f in _COLUMNS]) for r in s.rows), rule, total, "",
+      f"parameters:               {s.params:,}: {s.quantized_params:,} in quantized kernels "
+      f"({_share(s.quantized_params, s.params)}), {s.params - s.quantized_params:,} float",
+      f"batch-norm statistics:    {s.stats_count:,} values, {s.stats_bytes:,} B (float32 in both)",
+      f"memory, parameters:       float32 {s.float32_bytes:,} B ({_human(s.float32_bytes)}), packed "
+      f"{s.packed_bytes:,} B ({_human(s.packed_bytes)}): {t['compression']:.2f}x smaller",
+      f"memory, with statistics:  float32 {t['float32_bytes_with_stats']:,} B "
+      f"({_human(t['float32_bytes_with_stats'])}), packed {t['packed_bytes_with_stats']:,} B "
+      f"({_human(t['packed_bytes_with_stats'])}): {t['compression_with_stats']:.2f}x smaller",
+      f"MACs per example:         {total_macs:,} ({_mega(total_macs)}): "
+      + ", ".join(f"{k} {macs[k]:,} ({_share(macs[k], total_macs)})" for k in MAC_PRECISIONS),
+      "",
+      "MACs are binary when kernel and input are both 1-bit, k-bit when both are quantized, float otherwise",
+      "(a quantized kernel on a float input included). Packed: the bytes ricci_jax.export.pack stores (kernels",
+      "at their bit width with their scales, the rest as it is), without the file's header.",
+  ]
+  return "\n".join(lines)
