@@ -48,6 +48,7 @@ from ricci_jax import data as data_lib
 from ricci_jax import layers, models, reporting, schedules, train_config, transform
 from ricci_jax.config import TensorQuant
 from ricci_jax.ricci_flow import Shifts, translated_grads
+from ricci_jax.summary import summary as summarize_model
 
 Array = jax.Array
 FLOAT_BITS = train_config.FLOAT_BITS
@@ -366,6 +367,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   total_steps = config.epochs * steps_per_epoch
   model = build_model(config, train_ds.num_classes)
   variables, kernels, mask = _init_variables(config, model, train_ds)
+  model_summary = summarize_model(model, variables, config)
   placement = _Placement(config.pmap)
   lr = learning_rate_schedule(config, steps_per_epoch)
   use_rf = config.optimizer.name == "rf_sgd"
@@ -382,6 +384,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       nonfinite_streak=jnp.zeros((), jnp.int32))
 
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  (workdir / "model_summary.txt").write_text(model_summary.text() + "\n")
+  (workdir / "model_summary.json").write_text(json.dumps(reporting.to_jsonable(model_summary.to_dict()), indent=2))
+  if jax.process_index() == 0 and config.progress:
+    print(model_summary, flush=True)
   metrics_log = reporting.JsonlWriter(workdir / "metrics.jsonl")
   eval_log = reporting.JsonlWriter(workdir / "eval.jsonl")
   diag_log = reporting.JsonlWriter(workdir / "diagnostics.jsonl")
@@ -467,6 +473,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       "nonfinite_steps": int(host_state.nonfinite_total),
       "parameters": n_params, "quantized_weights": n_quant,
       "quantized_layers": ["/".join(k) for k in kernels],
+      "model_summary": model_summary.totals(),
   }
   (workdir / "results.json").write_text(json.dumps(reporting.to_jsonable(summary), indent=2))
   if config.plots and jax.process_index() == 0:
