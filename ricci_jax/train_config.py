@@ -105,6 +105,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.progress = True  # tqdm progress bar
   c.plots = True
   c.stop_after_steps = 0  # > 0: stop (as if interrupted) after this many steps; for tests
+  c.init_from = ""  # a finished run's workdir (e.g. a float run): its params and BN statistics start this run
   return c
 
 
@@ -176,6 +177,26 @@ def check_known_keys(config: ml_collections.ConfigDict):
       raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(valid))}")
 
 
+def resolve_init_dir(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
+  """The run directory that ``init_from=path`` names for ``seed``.
+
+  ``path`` is a run's working directory (it holds ``checkpoints/``), or that of
+  a several-seed run: then its ``seed_<seed>`` run, or else the first
+  ``seed_*`` run with checkpoints.
+  """
+  p = pathlib.Path(path).expanduser()
+  if (p / "checkpoints").is_dir():
+    return p
+  if (p / f"seed_{seed}" / "checkpoints").is_dir():
+    return p / f"seed_{seed}"
+  runs = sorted(q for q in p.glob("seed_*") if (q / "checkpoints").is_dir())
+  if runs:
+    return runs[0]
+  raise ValueError(
+      f"init_from {str(path)!r} holds no checkpoints (looked for checkpoints/ and seed_*/checkpoints/ "
+      "there); pass the working directory of a finished run, e.g. a float run of the same model")
+
+
 def _choice(name: str, value, allowed):
   if value not in allowed:
     raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(str, allowed))}")
@@ -233,6 +254,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | Non
       raise ValueError(f"{name} must be a positive integer, got {value!r}")
   if config.optimizer.schedule == "multistep" and not all(0 < b < 1 for b in config.optimizer.boundaries):
     raise ValueError(f"optimizer.boundaries are fractions of training in (0, 1), got {config.optimizer.boundaries}")
+  if config.init_from:
+    resolve_init_dir(config.init_from, config.seed)
   if config.optimizer.name == "rf_sgd" and config.quant.layers == "none":
     raise ValueError("optimizer rf_sgd needs quantized layers (quant.layers is 'none')")
 
