@@ -212,6 +212,10 @@ def _status(row: PaperRow, result: dict | None, mode: str, init_from: str) -> st
   if not row.runnable:
     return row.reason
   if result is None:
+    if mode == "list":
+      return f"runnable: method {row.method}" + (
+          "; from scratch unless --init-from gives a run to start from" if row.pretrained else "") + (
+          f"; {row.note}" if row.note else "")
     return "runnable, not run" + (" (not in the --quick subset)" if mode != "full" else "")
   parts = [f"ran: {mode}"]
   parts.append(f"{len(result['top1'].get('per_seed', []))} seed(s), {result['epochs_done'][0]} epoch(s)")
@@ -273,7 +277,7 @@ def render(table: str, rows_run: dict[str, dict], configs: dict, mode: str, seed
   ran = [configs[k] for k in rows_run]
   window = ran[0].last_epochs if ran else None
   banner = ""
-  if mode != "full":
+  if mode not in ("full", "list"):
     banner = (f"> **Smoke run ({mode}): {'random mock images, ' if mock else ''}one epoch of a few steps. These "
               "numbers only show that the rows start, train and report; they are NOT a reproduction of the "
               "paper.**\n\n")
@@ -330,7 +334,7 @@ def main(argv=None) -> int:
       + ([f"--seeds {args.seeds}"] if args.seeds else []) + (["--quick"] if args.quick else [])
       + (["--mock"] if args.mock else []) + [f"--init-from {v}" for v in args.init_from]
       + (["--list"] if args.list else []) + [f"--workdir {workdir}"] + overrides)
-  text, records = render(table, results, configs, mode, seeds, command)
+  text, records = render(table, results, configs, "list" if args.list else mode, seeds, command)
   print("\n" + text)
   if args.list:
     return 0
