@@ -310,6 +310,11 @@ def main(argv=None) -> int:
       raise ValueError(f"--init-from applies to Table 4's rows (they start from pretrained models), "
                        f"not to table {table}")
     rows = [] if args.list else select_rows(table, args.rows, args.quick)
+    models = {r.model for r in rows if r.pretrained}
+    unused = sorted(set(init_from) - models - {"*"})
+    if rows and unused:
+      raise ValueError(f"--init-from names model(s) {', '.join(unused)} that no selected pretrained row uses "
+                       f"(selected: {', '.join(sorted(models)) or 'none'})")
     configs = {}
     for row in rows:  # every configuration is checked before the first one trains
       config = build_config(row, args.quick, args.mock, seeds, overrides, init_from)

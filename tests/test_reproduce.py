@@ -162,6 +162,8 @@ def test_render_marks_pretrained_rows_and_real_differences(tmp_path):
     (["--table", "1", "--rows", "resnet20-multifcg"], "cannot run: not implemented .*Runnable rows: resnet20-fp"),
     (["--table", "1", "--init-from", "x"], "--init-from applies to Table 4"),
     (["--table", "4", "--rows", "resnet18-w1a32-rfdnn", "--init-from", "/nonexistent"], "holds no checkpoints"),
+    (["--table", "4", "--rows", "resnet18-w1a32-rfdnn", "--init-from", "resnet50=/x"],
+     "model.s. resnet50 that no selected pretrained row uses"),
     (["--table", "1", "--rows", "resnet20-rfdnn", "epoch=3"], "unknown config key 'epoch'"),
     (["--table", "1", "--rows", "resnet20-rfdnn", "--bogus"], "unknown option '--bogus'"),
     (["--table", "1", "--seeds", "a"], "invalid literal"),
