@@ -13,6 +13,8 @@ there), then a markdown table is printed and written to ``WORKDIR/table<N>.md``
 with ``WORKDIR/table<N>.json``: per row, our result (the paper's statistic:
 mean ± std of the test accuracy over the last epochs, pooled over seeds), the
 paper's number, the difference, and the paper's full-precision baseline.
+Rows run by earlier invocations into the same WORKDIR (in the same mode) stay
+in the table, so rows can be run one at a time.
 Baselines ricci-jax does not implement (MultiFCG, FCGrad, MetaQuant, DeepShift,
 ELQ, ADMM, QN, RQ, INT8, SR+DR) keep their paper number, marked "not
 implemented (paper number only)".
@@ -190,6 +192,28 @@ def run_row(config, workdir: pathlib.Path, mock: bool) -> dict:
   }
 
 
+def earlier_results(workdir: pathlib.Path, table: str, mode: str) -> dict:
+  """Rows that an earlier invocation ran into ``workdir`` in the same mode: {row: (result, config)}."""
+  import ml_collections  # noqa: PLC0415
+
+  path = workdir / f"table{table}.json"
+  if not path.exists():
+    return {}
+  try:
+    record = json.loads(path.read_text())
+  except json.JSONDecodeError:
+    return {}
+  if record.get("mode") != mode:
+    return {}
+  out = {}
+  for row in record.get("rows", []):
+    ours = row.get("ours")
+    if ours and ours.get("raw") and row.get("config"):
+      result = {k: v for k, v in ours["raw"].items() if k != "earlier"}
+      out[row["row"]] = (result, ml_collections.ConfigDict(row["config"]))
+  return out
+
+
 # ----------------------------------------------------------------------------
 # The table.
 # ----------------------------------------------------------------------------
@@ -217,7 +241,7 @@ def _status(row: PaperRow, result: dict | None, mode: str, init_from: str) -> st
           "; from scratch unless --init-from gives a run to start from" if row.pretrained else "") + (
           f"; {row.note}" if row.note else "")
     return "runnable, not run" + (" (not in the --quick subset)" if mode != "full" else "")
-  parts = [f"ran: {mode}"]
+  parts = [f"ran: {mode}" + (" (an earlier invocation)" if result.get("earlier") else "")]
   parts.append(f"{len(result['top1'].get('per_seed', []))} seed(s), {result['epochs_done'][0]} epoch(s)")
   if row.pretrained:
     parts.append(f"initialised from {init_from}" if init_from else
@@ -333,6 +357,10 @@ def main(argv=None) -> int:
   for key, config in configs.items():
     print(f"== table {table}, row {key}: {config.name} ({mode}), seeds {seeds}", flush=True)
     results[key] = run_row(config, workdir / f"table{table}" / key, args.mock)
+  if not args.list:  # rows of earlier invocations into the same workdir and mode stay in the table
+    for key, (result, config) in earlier_results(workdir, table, mode).items():
+      if key not in results:
+        results[key], configs[key] = {**result, "earlier": True}, config
 
   command = "python -m experiments.reproduce " + " ".join(
       [f"--table {table}"] + ([f"--rows {args.rows}"] if args.rows else [])

@@ -206,3 +206,18 @@ def test_init_from_starts_a_binarized_run_from_a_float_run(tmp_path):
   bad.model.name = "lenet5"
   with pytest.raises(ValueError, match="does not fit model 'lenet5'"):
     train.train(bad, tmp_path / "bad")
+
+
+def test_rows_of_an_earlier_invocation_stay_in_the_table(tmp_path):
+  row = paper_tables.get_row("4", "resnet18-fp")
+  config = reproduce.build_config(row, quick=True, mock=True, seeds=[0], overrides=[], init_from={})
+  stat = {"mean": 0.5, "std": 0.0, "seeds": 1, "per_seed": [0.5], "values": [0.5]}
+  result = {"top1": stat, "top5": stat, "steps": [1], "epochs_done": [1]}
+  _, records = reproduce.render("4", {row.key: result}, {row.key: config}, "quick+mock", [0], "cmd")
+  (tmp_path / "table4.json").write_text(json.dumps({"mode": "quick+mock", "rows": records}))
+  assert reproduce.earlier_results(tmp_path, "4", "full") == {}  # another mode: not mixed in
+  earlier = reproduce.earlier_results(tmp_path, "4", "quick+mock")
+  assert list(earlier) == ["resnet18-fp"] and earlier["resnet18-fp"][1].model.name == "resnet18"
+  text, _ = reproduce.render("4", {k: {**r, "earlier": True} for k, (r, _) in earlier.items()},
+                             {k: c for k, (_, c) in earlier.items()}, "quick+mock", [0], "cmd")
+  assert "ran: quick+mock (an earlier invocation)" in _table_lines(text)["resnet18-fp"][-1]
