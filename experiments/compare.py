@@ -20,7 +20,6 @@ import json
 import os
 import pathlib
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 
 import ml_collections
@@ -58,24 +57,26 @@ def run(configs: Mapping[str, ml_collections.ConfigDict], seeds: Sequence[int], 
 
   results, curves = {}, {}
   for label, config in configs.items():
-    start = time.perf_counter()
     summary = train.train_seeds(config, workdir / label)
-    results[label] = {**summary, "seconds": time.perf_counter() - start}
+    seconds = [r.get("seconds") for r in summary["runs"]]  # absent in runs recorded before it was
+    results[label] = {**summary, "seconds": None if None in seconds else sum(seconds)}
     dirs = [workdir / label / f"seed_{s}" for s in seeds] if len(seeds) > 1 else [workdir / label]
     curves[label] = [[100 * r["accuracy"] for r in reporting.read_jsonl(d / "eval.jsonl")] for d in dirs]
 
   first = next(iter(configs.values()))
+  devices = {run["device"] for r in results.values() for run in r["runs"] if run.get("device")}
   rows = []
   for label, r in results.items():
     s = r["across_seeds"]
     rows.append([label, f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}", f"{100 * s['std_of_seed_means']:.2f}",
-                 ", ".join(f"{100 * v:.2f}" for v in s["per_seed"]), f"{r['seconds'] / 60:.1f}"])
+                 ", ".join(f"{100 * v:.2f}" for v in s["per_seed"]), "n/a" if r["seconds"] is None else f"{r['seconds'] / 60:.1f}"])
   table = reporting.markdown_table(
       ["method", f"test acc. % (last {first.last_epochs} epochs, {len(seeds)} seeds pooled)",
-       "std of seed means", "per-seed means", "minutes"], rows)
+       "std of seed means", "per-seed means", "minutes (all seeds)"], rows)
   text = (f"# {first.dataset.name}, {first.model.name}: {', '.join(configs)}\n\n"
           f"Budget per run: {first.epochs} epochs, batch {first.batch_size}, "
           f"{first.optimizer.schedule} learning rate from {first.optimizer.learning_rate}.\n\n{table}\n"
+          f"Ran on: {'; '.join(sorted(devices)) or 'unrecorded'}.\n"
           + (f"Command: `{command}`\n" if command else ""))
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "results.md").write_text(text)

@@ -72,7 +72,7 @@ def analyse(run_dir: str | pathlib.Path) -> dict:
   config = json.loads((run_dir / "config.json").read_text())
   tau_scale = float(config.get("rfdnn", {}).get("tau_scale", 0.5))
   kernels = results["quantized_layers"]
-  with ocp.CheckpointManager(run_dir / "checkpoints") as mgr:
+  with ocp.CheckpointManager((run_dir / "checkpoints").absolute()) as mgr:
     steps = sorted(mgr.all_steps())
   if len(steps) < 3:
     raise ValueError(f"{run_dir} has {len(steps)} checkpoints; train with a small checkpoint_every_steps and "

@@ -124,6 +124,16 @@ def part_metric(quick: bool, workdir: pathlib.Path) -> dict:
   return out
 
 
+def _machine() -> str:
+  """The device and versions the part ran on, for the results file."""
+  import platform  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  dev = jax.devices()[0]
+  return (f"{jax.device_count()} x {dev.device_kind} ({dev.platform}), jax {jax.__version__}, "
+          f"{os.cpu_count()} host cores, Python {platform.python_version()}")
+
+
 def _jsonable(x):
   from ricci_jax import reporting  # noqa: PLC0415
   return reporting.to_jsonable(x)
@@ -188,6 +198,7 @@ def main(argv=None) -> int:
     diag = diagnostics_summary(workdir)
     command = f"python -m experiments.study --parts {part}" + (" --quick" if args.quick else "")
     text = out["table"] + f"\nCommand: `{command}`" + (" (quick mode: tiny budgets, not evidence)\n" if args.quick else "\n")
+    text += f"\nThis summary written on: {_machine()}\n"
     if "metric_table" in out:
       text += "\n## Metric perturbation\n\n" + out["metric_table"]
     if diag.count("\n") > 2:

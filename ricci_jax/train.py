@@ -374,7 +374,7 @@ def _load_init(config: ml_collections.ConfigDict, variables: dict) -> dict:
 
 def _checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
-  return ocp.CheckpointManager(workdir / "checkpoints", options=options)
+  return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
 
 
 def _save(mgr: ocp.CheckpointManager, state: TrainState, meta: dict):
@@ -391,6 +391,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   Returns:
     A dict with the final and the last-epochs test accuracy, and run facts.
   """
+  started = time.perf_counter()
   workdir = pathlib.Path(workdir)
   train_config.validate(config, workdir)
   train_ds, test_ds = _datasets(config)
@@ -507,6 +508,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       "parameters": n_params, "quantized_weights": n_quant,
       "quantized_layers": ["/".join(k) for k in kernels],
       "model_summary": model_summary.totals(),
+      "seconds": time.perf_counter() - started,  # this invocation (compilation and evaluation included)
+      "device": describe_devices(),
   }
   (workdir / "results.json").write_text(json.dumps(reporting.to_jsonable(summary), indent=2))
   if config.plots and jax.process_index() == 0:
@@ -557,7 +560,7 @@ def load_checkpoint(workdir: str | pathlib.Path, step: int | None = None) -> dic
   ``nonfinite_total``, ``nonfinite_streak``; plus ``meta`` (steps per epoch,
   run name).
   """
-  path = pathlib.Path(workdir) / "checkpoints"
+  path = (pathlib.Path(workdir) / "checkpoints").absolute()  # newer orbax refuses relative paths
   if not path.is_dir():
     raise FileNotFoundError(f"no checkpoints in {str(path)!r}")
   with ocp.CheckpointManager(path) as mgr:
@@ -569,6 +572,27 @@ def load_checkpoint(workdir: str | pathlib.Path, step: int | None = None) -> dic
   return {**jax.device_get(restored["state"]), "meta": restored["meta"]}
 
 
+def describe_devices() -> str:
+  """The accelerator the run used, e.g. ``1 x NVIDIA H100 80GB HBM3 (gpu), jax 0.11.2``."""
+  dev = jax.devices()[0]
+  return f"{jax.device_count()} x {dev.device_kind} ({dev.platform}), jax {jax.__version__}"
+
+
+def _finished(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict | None:
+  """The results of a run already finished in ``workdir`` with this very config, else None.
+
+  With ``config.resume`` a finished seed is not trained again, even when its
+  checkpoints were deleted (its ``config.json`` and ``results.json`` suffice).
+  """
+  results, saved = workdir / "results.json", workdir / "config.json"
+  if not (config.resume and results.is_file() and saved.is_file()):
+    return None
+  if saved.read_text() != config.to_json_best_effort(indent=2):
+    return None
+  summary = json.loads(results.read_text())
+  return None if summary.get("interrupted") else summary
+
+
 def train_seeds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Runs every seed (``config.seeds``, or ``config.seed``) and summarises across them."""
   workdir = pathlib.Path(workdir)
@@ -577,7 +601,8 @@ def train_seeds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) 
   for seed in seeds:
     cfg = ml_collections.ConfigDict(config.to_dict())
     cfg.seed = int(seed)
-    per_seed.append(train(cfg, workdir / f"seed_{seed}" if len(seeds) > 1 else workdir))
+    run_dir = workdir / f"seed_{seed}" if len(seeds) > 1 else workdir
+    per_seed.append(_finished(cfg, run_dir) or train(cfg, run_dir))
   stats = reporting.across_seeds([r["last_epochs"] for r in per_seed])
   summary = {"name": config.name, "seeds": seeds, "runs": per_seed, "across_seeds": stats}
   (workdir / "summary.json").write_text(json.dumps(reporting.to_jsonable(summary), indent=2))

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -72,6 +73,22 @@ def test_resume_ends_with_exactly_the_parameters_of_an_uninterrupted_run(tmp_pat
   # the metrics files hold each step once
   steps = [json.loads(x)["step"] for x in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
   assert steps == sorted(set(steps))
+
+
+@needs_fashion
+def test_train_seeds_does_not_retrain_a_finished_seed_even_without_its_checkpoints(tmp_path):
+  config = _small("clipped_ste")
+  config.seeds = [0, 1]
+  first = train.train_seeds(config, tmp_path)
+  shutil.rmtree(tmp_path / "seed_1" / "checkpoints")
+  stamp = (tmp_path / "seed_1" / "metrics.jsonl").stat().st_mtime_ns
+  again = train.train_seeds(config, tmp_path)
+  assert again["runs"] == json.loads(json.dumps(first["runs"]))
+  assert (tmp_path / "seed_1" / "metrics.jsonl").stat().st_mtime_ns == stamp  # not trained again
+  other = _small("clipped_ste", epochs=1)
+  other.seeds = [0, 1]
+  changed = train.train_seeds(other, tmp_path)  # another config: trained afresh
+  assert changed["runs"][1]["epochs_done"] == 1
 
 
 def test_mock_cifar10_resnet20_runs_through_the_tfds_pipeline(tmp_path):
