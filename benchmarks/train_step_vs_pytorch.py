@@ -28,8 +28,8 @@ medians and of minima. Cases:
   RF-DNN step with ``rj.rf_sgd``, against PyTorch's binarized STE step (PyTorch
   has no RF-DNN) and against our own STE step;
 * ``infer_float``, ``infer_binary``: inference at batch 512 (running statistics);
-* with ``--stock``: our binarized STE step compiled without the runtime's XLA
-  options, interleaved with the others (the malloc setting is process-wide:
+* with ``--stock``: our binarized STE step and binarized inference compiled
+  without the runtime's XLA options, interleaved with the others (the malloc setting is process-wide:
   see ``benchmarks/cpu_settings_ablation.py``).
 
 The JAX steps are jitted with donated state and ``ricci_jax.runtime``'s
@@ -153,11 +153,11 @@ class JaxTrainer:
 class JaxInference:
   """Our jitted inference (running statistics) on host batches."""
 
-  def __init__(self, binary: bool, seed: int = 0):
+  def __init__(self, binary: bool, seed: int = 0, options: dict | None = None):
     self.model = make_model(binary)
     self.variables = init_variables(self.model, seed)
-    self.fn = jax.jit(lambda v, x: self.model.apply(v, x, train=False),
-                      compiler_options=runtime.compiler_options())
+    opts = runtime.compiler_options() if options is None else options
+    self.fn = jax.jit(lambda v, x: self.model.apply(v, x, train=False), compiler_options=opts)
 
   def __call__(self, images: np.ndarray, labels: np.ndarray) -> float:
     x = jnp.asarray(images)
@@ -296,6 +296,9 @@ def benchmark(rounds: int, batch_size: int, infer_batch: int, stock: bool, rfdnn
     add(f"{row}/jax", ji, infer_batch)
     add(f"{row}/torch", TorchInference(binary, ji.variables), infer_batch)
     pairs[row] = (f"{row}/jax", f"{row}/torch")
+  if stock:
+    add("infer_binary_stock_xla/jax", JaxInference(True, options={}), infer_batch)
+    pairs["infer_binary_stock_xla"] = ("infer_binary_stock_xla/jax", "infer_binary/torch")
 
   load_before = os.getloadavg()
   times = run_interleaved(cases, batch_of, rounds)

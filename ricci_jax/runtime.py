@@ -49,8 +49,8 @@ XLA_CPU_OPTIONS: Mapping[str, Any] = {
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-MALLOC_TRIM_THRESHOLD = 1 << 30
-"""Bytes of free heap top kept before glibc returns memory to the system (1 GiB)."""
+MALLOC_TRIM_THRESHOLD = -1
+"""glibc's trim threshold: -1 never returns the free top of the heap to the system."""
 
 _state: dict[str, Any] = {"malloc": None, "validated": None}
 
