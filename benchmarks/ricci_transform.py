@@ -12,7 +12,9 @@
 4. Optimizer state bytes per quantized weight, rf_sgd against SGD.
 
 Times are medians over repeats of jitted, compiled calls (block_until_ready);
-ratios are of medians measured side by side.
+ratios are of medians measured side by side. The steps use the training
+program's CPU settings (``ricci_jax.runtime``); ``RICCI_JAX_CPU_TUNING=0``
+measures without them.
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ import pathlib
 import platform
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+from ricci_jax import runtime
 
-import ricci_jax as rj
-from ricci_jax import lne, ricci_flow, transform
+runtime.configure_cpu()  # the training program's CPU settings (RICCI_JAX_CPU_TUNING=0: stock)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import ricci_jax as rj  # noqa: E402
+from ricci_jax import lne, ricci_flow, transform  # noqa: E402
 
 
 def _time(fn, *args, repeats: int) -> list[float]:
@@ -103,7 +109,7 @@ def bench_steps(batch_size, repeats, fractions):
     u, s = sgd.update(grads, s, p)
     return optax.apply_updates(p, u), s
 
-  steps = {"ste": (jax.jit(ste_step), sgd.init(params))}
+  steps = {"ste": (jax.jit(ste_step, compiler_options=runtime.compiler_options()), sgd.init(params))}
   for fraction in fractions:
     tx = rj.rf_sgd(0.1, quantized=mask)
 
@@ -113,7 +119,8 @@ def bench_steps(batch_size, repeats, fractions):
       u, s = tx.update(grads, s, p, translated_grads=shifted)
       return optax.apply_updates(p, u), s
 
-    steps[f"rfdnn_fraction_{fraction:g}"] = (jax.jit(rf_step), tx.init(params))
+    steps[f"rfdnn_fraction_{fraction:g}"] = (
+        jax.jit(rf_step, compiler_options=runtime.compiler_options()), tx.init(params))
 
   for fn, st in steps.values():  # compile all first
     jax.block_until_ready(fn(params, st, batch))
@@ -133,7 +140,8 @@ def bench_steps(batch_size, repeats, fractions):
   tx = rj.rf_sgd(0.1, quantized=mask)
   grads = jax.grad(loss_fn)(params, batch)
   shifted = rj.translated_grads(loss_fn, params, batch)
-  update = jax.jit(lambda g, s, p, t: tx.update(g, s, p, translated_grads=t))
+  update = jax.jit(lambda g, s, p, t: tx.update(g, s, p, translated_grads=t),
+                   compiler_options=runtime.compiler_options())
   state = tx.init(params)
   update_times = _time(update, grads, state, params, shifted, repeats=repeats * 3)
   frac = float(np.median(update_times)) / base
@@ -175,6 +183,7 @@ def main(argv=None):
       "machine": {"platform": platform.platform(), "processor": platform.processor(),
                   "cpu_count": __import__("os").cpu_count(), "jax": jax.__version__,
                   "devices": [str(d) for d in jax.devices()]},
+      "cpu_settings": runtime.configure_cpu(), "load_average": __import__("os").getloadavg(),
       "quick": args.quick, "batch_size": args.batch_size if not args.quick else 16,
       "residual_scaling": scaling, **steps,
   }

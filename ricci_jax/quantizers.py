@@ -117,9 +117,11 @@ def _straight_through_fwd(forward, estimator, x, hparams):
 def _straight_through_bwd(forward, estimator, residuals, g):
   del forward
   x, hparams = residuals
-  # Surrogates are evaluated in float32 so bfloat16 inputs keep their accuracy.
-  d = ESTIMATORS[estimator].surrogate(x.astype(jnp.float32), **hparams)
-  dx = (g.astype(jnp.float32) * d).astype(g.dtype)
+  # Surrogates are evaluated in at least float32 so bfloat16 inputs keep their
+  # accuracy (and float64 ones theirs).
+  ct = jnp.promote_types(x.dtype, jnp.float32)
+  d = ESTIMATORS[estimator].surrogate(x.astype(ct), **hparams)
+  dx = (g.astype(ct) * d).astype(g.dtype)
   return dx, jax.tree.map(jnp.zeros_like, hparams)
 
 

@@ -45,7 +45,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ricci_jax import data as data_lib
-from ricci_jax import layers, models, reporting, schedules, train_config, transform
+from ricci_jax import layers, models, reporting, runtime, schedules, train_config, transform
 from ricci_jax.config import TensorQuant
 from ricci_jax.ricci_flow import Shifts, translated_grads
 from ricci_jax.summary import summary as summarize_model
@@ -307,12 +307,13 @@ class _Placement:
     if self.use_pmap:
       return jax.pmap(functools.partial(train_step, program, axis_name="data"), axis_name="data",
                       donate_argnums=(0,))
-    return jax.jit(functools.partial(train_step, program), donate_argnums=(0,))
+    return jax.jit(functools.partial(train_step, program), donate_argnums=(0,),
+                   compiler_options=runtime.compiler_options())
 
   def eval_fn(self, program: _Program) -> Callable:
     if self.use_pmap:
       return jax.pmap(functools.partial(eval_step, program, axis_name="data"), axis_name="data")
-    return jax.jit(functools.partial(eval_step, program))
+    return jax.jit(functools.partial(eval_step, program), compiler_options=runtime.compiler_options())
 
   def first(self, tree):
     return jax.tree.map(lambda x: x[0], tree) if self.use_pmap else tree
@@ -392,6 +393,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     A dict with the final and the last-epochs test accuracy, and run facts.
   """
   started = time.perf_counter()
+  runtime.configure_cpu()  # malloc reuse of XLA's temporaries; before JAX starts if it has not
   workdir = pathlib.Path(workdir)
   train_config.validate(config, workdir)
   train_ds, test_ds = _datasets(config)
