@@ -22,6 +22,7 @@ import os
 import pathlib
 import subprocess
 import sys
+from benchmarks.common import save_json
 
 SETTINGS = {
     "stock": {"RICCI_JAX_XLA_OPTIONS": "0", "RICCI_JAX_MALLOC_TUNING": "0"},
@@ -124,9 +125,7 @@ def main(argv=None):
           f"{s['wall_median_vs_stock']:>15.2f}{s['cpu_median_vs_stock']:>14.2f}")
   print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} cores")
   path = pathlib.Path(args.out)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(result, indent=2))
-  print(f"saved {path}")
+  save_json(result, path)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ timed in turn within every repeat so machine load hits all of them alike; the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import platform
@@ -51,6 +50,7 @@ import numpy as np
 import ricci_jax as rj
 from ricci_jax import export, inference, layers, models, train
 from ricci_jax.models import QuantRule
+from benchmarks.common import save_json
 
 W1 = rj.TensorQuant(bits=1, estimator="clipped_ste")
 
@@ -333,9 +333,7 @@ def main(argv=None) -> dict:
       "repeats": repeats, "sizes": sizes, "size_ratios": verdicts, "inference": speed, "xnor_popcount": xnor,
   }
   out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2))
-  print(f"saved {out}")
+  save_json(result, out)
   return result
 
 

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from ricci_jax import data
+from benchmarks.common import save_json
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "input_pipeline.json"
@@ -131,9 +132,7 @@ def main() -> None:
       results=results)
   for r in results:
     print(json.dumps(r))
-  RESULTS.parent.mkdir(parents=True, exist_ok=True)
-  RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-  print(f"wrote {RESULTS}")
+  save_json(report, RESULTS)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ measures without them.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import platform
 import time
@@ -36,6 +35,7 @@ import optax  # noqa: E402
 
 import ricci_jax as rj  # noqa: E402
 from ricci_jax import lne, ricci_flow, transform  # noqa: E402
+from benchmarks.common import save_json  # noqa: E402
 
 
 def _time(fn, *args, repeats: int) -> list[float]:
@@ -188,9 +188,7 @@ def main(argv=None):
       "residual_scaling": scaling, **steps,
   }
   out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2))
-  print(f"saved {out}")
+  save_json(result, out)
 
 
 if __name__ == "__main__":

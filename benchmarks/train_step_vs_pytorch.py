@@ -59,6 +59,7 @@ import optax  # noqa: E402
 
 import ricci_jax as rj  # noqa: E402
 from ricci_jax import models  # noqa: E402
+from benchmarks.common import save_json  # noqa: E402
 
 LR = 0.1
 
@@ -143,11 +144,16 @@ class JaxTrainer:
 
   def __call__(self, images: np.ndarray, labels: np.ndarray) -> float:
     x, y = jnp.asarray(images), jnp.asarray(labels)
+    self._last_batch = (x, y)
     t0 = time.perf_counter()
     *self.state, loss = self.step(*self.state, x, y)
     jax.block_until_ready((self.state, loss))
     self.loss = loss
     return time.perf_counter() - t0
+
+  def compiled_text(self) -> str:
+    """The optimised HLO of the step (for per-op profiles)."""
+    return self.step.lower(*self.state, *self._last_batch).compile().as_text()
 
 
 class JaxInference:
@@ -180,15 +186,20 @@ def _torch():
   return torch, torch_resnet
 
 
+def _torch_net(binary: bool, variables=None):
+  """(torch, torch_resnet, a PyTorch ResNet-20 holding ``variables`` if given)."""
+  torch, torch_resnet = _torch()
+  net = torch_resnet.ResNet20(binary=binary)
+  if variables is not None:
+    torch_resnet.load_flax_variables(net, variables["params"], variables["batch_stats"])
+  return torch, torch_resnet, net
+
+
 class TorchTrainer:
   """PyTorch's train step (zero_grad, forward, cross-entropy, backward, SGD step)."""
 
   def __init__(self, binary: bool, variables=None):
-    torch, torch_resnet = _torch()
-    self.torch = torch
-    self.net = torch_resnet.ResNet20(binary=binary)
-    if variables is not None:
-      torch_resnet.load_flax_variables(self.net, variables["params"], variables["batch_stats"])
+    self.torch, torch_resnet, self.net = _torch_net(binary, variables)
     self.net.train()
     self.opt = torch_resnet.sgd(self.net, LR)
 
@@ -201,7 +212,7 @@ class TorchTrainer:
     loss = torch.nn.functional.cross_entropy(self.net(x), y)
     loss.backward()
     self.opt.step()
-    self.loss = float(loss)  # synchronous on the CPU; outside nothing is pending
+    self.loss = float(loss.detach())  # synchronous on the CPU; outside nothing is pending
     return time.perf_counter() - t0
 
 
@@ -209,11 +220,7 @@ class TorchInference:
   """PyTorch inference in eval mode under ``torch.inference_mode()``."""
 
   def __init__(self, binary: bool, variables=None):
-    torch, torch_resnet = _torch()
-    self.torch = torch
-    self.net = torch_resnet.ResNet20(binary=binary)
-    if variables is not None:
-      torch_resnet.load_flax_variables(self.net, variables["params"], variables["batch_stats"])
+    self.torch, _, self.net = _torch_net(binary, variables)
     self.net.eval()
 
   def __call__(self, images: np.ndarray, labels: np.ndarray) -> float:
@@ -452,18 +459,14 @@ def main(argv=None):
               f"{eq['first_step_loss_diff_tuned_vs_stock']:.3g}); stock vs stock from weights 1 ulp away "
               f"{eq['max_abs_loss_diff_1ulp_vs_stock']:.3g}")
     path = pathlib.Path(args.out or results / "train_step_equality.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
-    print(f"saved {path}")
+    save_json(out, path)
     return
 
   rounds = 3 if args.quick else args.rounds
   result = benchmark(rounds, args.batch_size, args.infer_batch, args.stock, rfdnn=not args.quick)
   print_table(result)
   path = pathlib.Path(args.out or results / "train_step_vs_pytorch.json")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(result, indent=2))
-  print(f"saved {path}")
+  save_json(result, path)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import pathlib
 import platform
 import time
@@ -28,8 +27,9 @@ import numpy as np
 
 from benchmarks import input_pipeline
 from experiments.configs import presets
-from ricci_jax import layers, train, train_config
+from ricci_jax import layers, runtime, train, train_config
 from ricci_jax.ricci_flow import Shifts
+from benchmarks.common import save_json
 
 
 def _step(method: str, batch_size: int):
@@ -49,10 +49,13 @@ def _step(method: str, batch_size: int):
       step=jnp.zeros((), jnp.int32), params=variables["params"], batch_stats=variables["batch_stats"],
       opt_state=tx.init(variables["params"]), quant=variables.get("quant", {}),
       nonfinite_total=jnp.zeros((), jnp.int32), nonfinite_streak=jnp.zeros((), jnp.int32))
-  return jax.jit(functools.partial(train.train_step, program)), state
+  # jitted exactly as the training program does (its CPU options; the state is not donated here
+  # because every round reuses it)
+  return jax.jit(functools.partial(train.train_step, program), compiler_options=runtime.compiler_options()), state
 
 
 def main(argv=None):
+  runtime.configure_cpu()  # the training program's allocator setting
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--batch-size", type=int, default=128)
@@ -91,16 +94,14 @@ def main(argv=None):
     slowest = min(r["images_per_second"] for r in result["steps"].values())
     pipe["headroom_over_slowest_step"] = pipe["host_plus_augment_images_per_s"] / slowest
     result["input_pipeline_cifar10_subset"] = pipe
-    print(f"  input pipeline (host + device augmentation): {pipe['host+augment']['images_per_second']:,.0f} images/s, "
+    print(f"  input pipeline (host + device augmentation): {pipe['host_plus_augment_images_per_s']:,.0f} images/s, "
           f"{pipe['headroom_over_slowest_step']:,.0f}x the slowest step: it keeps the step fed")
   else:
     print("  input pipeline: the CIFAR-10 subset is not on this machine, skipped")
   result["machine"] = {"platform": platform.platform(), "cpu_count": __import__("os").cpu_count(),
                        "jax": jax.__version__, "load_average": list(__import__("os").getloadavg())}
   out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2))
-  print(f"saved {out}")
+  save_json(result, out)
 
 
 if __name__ == "__main__":
