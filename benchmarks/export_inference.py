@@ -55,22 +55,6 @@ from benchmarks.common import save_json
 W1 = rj.TensorQuant(bits=1, estimator="clipped_ste")
 
 
-def _variables(model, input_shape, seed=0):
-  """He-normal kernels, BN scale/var in [0.5, 1.5], the rest N(0, 0.1): the sizes do not depend on values."""
-  shapes = export.abstract_variables(model, input_shape)
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, s):
-    name = path[-1].key
-    if name == "kernel":
-      value = rng.normal(size=s.shape) * np.sqrt(2.0 / np.prod(s.shape[:-1]))
-    elif name in ("scale", "var"):
-      value = rng.uniform(0.5, 1.5, size=s.shape)
-    else:
-      value = rng.normal(size=s.shape) * 0.1
-    return np.asarray(value, s.dtype)
-
-  return {k: jax.tree_util.tree_map_with_path(leaf, shapes[k]) for k in ("params", "batch_stats")}
 
 
 def _dir_bytes(path: pathlib.Path) -> int:
@@ -124,7 +108,7 @@ def bench_sizes(tmp: pathlib.Path) -> dict:
       config = presets.cifar_paper("cifar10", "resnet20", method="clipped_ste", layers=rule_layers)
       model = export.resolve_model(config)
       shape = (32, 32, 3)
-    variables = _variables(model, shape)
+    variables = export.random_variables(model, shape)
     t0 = time.perf_counter()
     packed = export.pack(variables, model)
     pack_s = time.perf_counter() - t0
@@ -225,7 +209,7 @@ def bench_inference(batches, repeats: int) -> dict:
   ]:
     model = models.create("resnet20", num_classes=10, quant=rule, order=order)
     float_model = model.clone(quant=None)
-    variables = _variables(model, (32, 32, 3))
+    variables = export.random_variables(model, (32, 32, 3))
     packed = export.pack(variables, model)
     dev_vars = inference.device_variables(variables)
     predictors = {"packed, unpack on the fly": inference.Predictor(packed, xnor=False),

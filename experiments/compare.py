@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import ml_collections
 
-from experiments.train import load_config_file
+from experiments.train import command_line_overrides, load_config_file
 
 DEFAULT_CONFIG = "experiments/configs/fashion_mnist.py"
 DEFAULT_METHODS = "clipped_ste,rfdnn"
@@ -97,11 +97,7 @@ def parse(argv=None):
   parser.add_argument("--seeds", default=DEFAULT_SEEDS, help="comma-separated seeds")
   parser.add_argument("--workdir", default="runs/compare", help="output directory")
   args, rest = parser.parse_known_args(argv)
-  overrides = [r[len("--config."):] if r.startswith("--config.") else r for r in rest]
-  bad = [r for r in overrides if r.startswith("--")]
-  if bad:
-    parser.error(f"unknown option {bad[0]!r}; config keys go as key=value")
-  return args, overrides
+  return args, command_line_overrides(parser, rest)
 
 
 def main(argv=None) -> int:

@@ -47,6 +47,7 @@ import time
 
 from experiments import paper_tables
 from experiments.paper_tables import PaperRow
+from experiments.train import command_line_overrides
 
 DEFAULT_SEEDS = "0,1,2,3,4"  # the paper's 5 runs
 QUICK_SEEDS = "0"
@@ -80,14 +81,7 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
                            "model; repeat for several models")
   parser.add_argument("--list", action="store_true", help="print the table's rows and the paper's numbers; run nothing")
   args, rest = parser.parse_known_args(argv)
-  overrides = []
-  for item in rest:
-    if item.startswith("--config."):
-      item = item[len("--config."):]
-    elif item.startswith("-"):
-      parser.error(f"unknown option {item.split('=')[0]!r}; config keys go as key=value or --config.key=value")
-    overrides.append(item)
-  return args, overrides
+  return args, command_line_overrides(parser, rest)
 
 
 def select_rows(table: str, rows: str | None, quick: bool) -> list[PaperRow]:

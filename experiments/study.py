@@ -128,10 +128,8 @@ def _machine() -> str:
   """The device and versions the part ran on, for the results file."""
   import platform  # noqa: PLC0415
 
-  import jax  # noqa: PLC0415
-  dev = jax.devices()[0]
-  return (f"{jax.device_count()} x {dev.device_kind} ({dev.platform}), jax {jax.__version__}, "
-          f"{os.cpu_count()} host cores, Python {platform.python_version()}")
+  from ricci_jax import train  # noqa: PLC0415
+  return f"{train.describe_devices()}, {os.cpu_count()} host cores, Python {platform.python_version()}"
 
 
 def _jsonable(x):

@@ -40,20 +40,29 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg else module.get_config()
 
 
+def command_line_overrides(parser: argparse.ArgumentParser, rest: list[str]) -> list[str]:
+  """The ``key=value`` config overrides among the arguments ``parser`` left over.
+
+  ``--config.key=value`` is accepted as ``key=value``; any other option is a
+  parser error (argparse's message and exit status 2).
+  """
+  overrides = []
+  for item in rest:
+    if item.startswith("--config."):
+      item = item[len("--config."):]
+    elif item.startswith("-"):
+      parser.error(f"unknown option {item.split('=')[0]!r}; config keys go as key=value or --config.key=value")
+    overrides.append(item)
+  return overrides
+
+
 def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True, help="config file, optionally path.py:arg")
   parser.add_argument("--workdir", default=None, help="output directory (default runs/<config name>)")
   parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
   args, rest = parser.parse_known_args(argv)
-  overrides = []
-  for item in rest:
-    if item.startswith("--config."):
-      item = item[len("--config."):]
-    elif item.startswith("--"):
-      parser.error(f"unknown option {item.split('=')[0]!r}; config keys go as key=value or --config.key=value")
-    overrides.append(item)
-  return args, overrides
+  return args, command_line_overrides(parser, rest)
 
 
 def main(argv=None) -> int:

@@ -219,6 +219,29 @@ def abstract_variables(model: nn.Module, input_shape: tuple[int, ...]) -> dict[s
   return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), example_input(input_shape))
 
 
+def random_variables(model: nn.Module, input_shape: tuple[int, ...], seed: int = 0) -> dict[str, Any]:
+  """Concrete ``params`` and ``batch_stats`` of ``model`` drawn with NumPy (no ``init`` compile).
+
+  He-normal kernels, batch-norm scales and variances uniform in [0.5, 1.5],
+  everything else N(0, 0.1): realistic enough for sizes, packing and
+  exactness checks, where the values themselves do not matter.
+  """
+  shapes = abstract_variables(model, input_shape)
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, s):
+    name = path[-1].key
+    if name == "kernel":
+      value = rng.normal(size=s.shape) * np.sqrt(2.0 / np.prod(s.shape[:-1]))
+    elif name in ("scale", "var"):
+      value = rng.uniform(0.5, 1.5, size=s.shape)
+    else:
+      value = rng.normal(size=s.shape) * 0.1
+    return np.asarray(value, s.dtype)
+
+  return {k: jax.tree_util.tree_map_with_path(leaf, shapes[k]) for k in ("params", "batch_stats")}
+
+
 def compute_dtype(model: nn.Module) -> np.dtype:
   """The dtype a quantized op sees its kernel in: the model's compute ``dtype`` (float32 if unset)."""
   dtype = getattr(model, "dtype", None)

@@ -17,23 +17,6 @@ from ricci_jax.models import QuantRule
 W1 = rj.TensorQuant(bits=1, estimator="clipped_ste")
 
 
-def _variables(model, input_shape, seed=0):
-  """Concrete variables from the abstract ones with NumPy (no init compile): He-normal kernels,
-  non-trivial BN parameters and statistics."""
-  shapes = export.abstract_variables(model, input_shape)
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, s):
-    name = path[-1].key
-    if name == "kernel":
-      value = rng.normal(size=s.shape) * np.sqrt(2.0 / np.prod(s.shape[:-1]))
-    elif name in ("scale", "var"):
-      value = rng.uniform(0.5, 1.5, size=s.shape)
-    else:
-      value = rng.normal(size=s.shape) * 0.1
-    return np.asarray(value, s.dtype)
-
-  return {k: jax.tree_util.tree_map_with_path(leaf, shapes[k]) for k in ("params", "batch_stats")}
 
 
 # ----------------------------------------------------------------------------
@@ -119,7 +102,7 @@ def _mixed_mlp():
 
 def test_pack_stores_quantized_kernels_packed_and_the_rest_as_it_is(tmp_path):
   model = _mixed_mlp()
-  variables = _variables(model, (28, 28, 1))
+  variables = export.random_variables(model, (28, 28, 1))
   packed = export.pack(variables, model)
   kinds = {k: t.kind for k, t in packed.tensors.items() if k.endswith("kernel")}
   assert kinds == {"params/dense_init/kernel": "float", "params/dense1/kernel": "levels",
@@ -156,7 +139,7 @@ def test_pack_stores_quantized_kernels_packed_and_the_rest_as_it_is(tmp_path):
 def test_a_binarized_resnet20_packs_to_its_real_bit_width():
   """Binary inner kernels, float first and last layers and BatchNorm: 1/22 of float32 with the statistics."""
   model = models.create("resnet20", num_classes=10, quant=QuantRule(layers="inner", weight=W1))
-  variables = _variables(model, (32, 32, 3))
+  variables = export.random_variables(model, (32, 32, 3))
   packed = export.pack(variables, model)
   binary = 267_264  # inner conv weights
   floats = 432 + 650 + 1_376  # conv_init, head, BN scale and bias
@@ -200,12 +183,12 @@ def test_params_that_do_not_match_the_config_are_refused():
   config = presets.fashion_mnist("clipped_ste", model="lenet5")
   mlp = models.create("mlp", num_classes=10, quant=QuantRule(weight=W1))
   with pytest.raises(export.ExportError, match=r"do not match the model \(LeNet5.*params missing \[.*conv1/kernel"):
-    export.pack(_variables(mlp, (28, 28, 1)), config)
-  wide = _variables(models.create("lenet5", num_classes=12), (28, 28, 1))
+    export.pack(export.random_variables(mlp, (28, 28, 1)), config)
+  wide = export.random_variables(models.create("lenet5", num_classes=12), (28, 28, 1))
   with pytest.raises(export.ExportError,
                      match=r"wrong shapes: \[head/bias \(12,\) \(expected \(10,\)\), head/kernel \(84, 12\)"):
     export.pack(wide, config)
-  lenet = _variables(export.resolve_model(config), (28, 28, 1))
+  lenet = export.random_variables(export.resolve_model(config), (28, 28, 1))
   with pytest.raises(export.ExportError, match="BatchNorm statistics .* none were given"):
     export.pack(lenet["params"], config)
   extra = {**lenet, "params": {**lenet["params"], "dense9": {"kernel": np.zeros((2, 2), np.float32)}}}
@@ -228,7 +211,7 @@ def test_params_that_do_not_match_the_config_are_refused():
 def packed_file(tmp_path_factory):
   model = models.create("mlp", num_classes=10, quant=QuantRule(weight=rj.TensorQuant(bits=3)), hidden=(21, 16))
   path = tmp_path_factory.mktemp("packed") / "mlp.npz"
-  export.save(export.pack(_variables(model, (28, 28, 1)), model), path)
+  export.save(export.pack(export.random_variables(model, (28, 28, 1)), model), path)
   return path
 
 

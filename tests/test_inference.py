@@ -17,22 +17,6 @@ needs_fashion = pytest.mark.skipif(
     not FASHION.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 
 
-def _variables(model, input_shape, seed=0):
-  """Concrete variables from the abstract ones with NumPy (no init compile), BN statistics non-trivial."""
-  shapes = export.abstract_variables(model, input_shape)
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, s):
-    name = path[-1].key
-    if name == "kernel":
-      value = rng.normal(size=s.shape) * np.sqrt(2.0 / np.prod(s.shape[:-1]))
-    elif name in ("scale", "var"):
-      value = rng.uniform(0.5, 1.5, size=s.shape)
-    else:
-      value = rng.normal(size=s.shape) * 0.1
-    return np.asarray(value, s.dtype)
-
-  return {k: jax.tree_util.tree_map_with_path(leaf, shapes[k]) for k in ("params", "batch_stats")}
 
 
 def _calibrated(model, variables, images):
@@ -91,7 +75,7 @@ def test_a_lenet5_trained_by_the_training_program_serves_exactly_on_real_fashion
 ])
 def test_quantized_activations_and_every_kernel_format_serve_exactly(tmp_path, name, rule, kwargs):
   model = models.create("mlp", num_classes=10, quant=rule, hidden=(64, 48), **kwargs)
-  variables = _variables(model, (28, 28, 1))
+  variables = export.random_variables(model, (28, 28, 1))
   images, _ = _fashion_images(64)
   _assert_served_exactly(export.pack(variables, model), model, variables, images, tmp_path,
                          modes=("on_the_fly", "once"))
@@ -103,7 +87,7 @@ def test_xor_popcount_layers_serve_exactly_on_real_fashion_mnist(tmp_path):
   rule = QuantRule(weight=rj.TensorQuant(bits=1), act=rj.TensorQuant(bits=1, estimator="ste"))
   model = models.create("lenet5", num_classes=10, quant=rule, order="conv_relu_bn")
   images, _ = _fashion_images(64)
-  variables = _calibrated(model, _variables(model, (28, 28, 1)), images)
+  variables = _calibrated(model, export.random_variables(model, (28, 28, 1)), images)
   packed = export.pack(variables, model)
   _assert_served_exactly(packed, model, variables, images, tmp_path, modes=("on_the_fly", "once"),
                          xnor=["conv1", "dense1", "dense2"])
@@ -115,7 +99,7 @@ def test_xor_popcount_layers_serve_exactly_on_real_fashion_mnist(tmp_path):
 def test_ridge_packed_inexactly_serves_close(tmp_path):
   rule = QuantRule(weight=rj.TensorQuant(bits=2, method="ridge", estimator="ste", ridge_block_size=None))
   model = models.create("mlp", num_classes=10, quant=rule, hidden=(32, 24))
-  variables = _variables(model, (28, 28, 1))
+  variables = export.random_variables(model, (28, 28, 1))
   with pytest.raises(export.ExportError, match="cannot be packed exactly"):
     export.pack(variables, model)
   packed = export.pack(variables, model, exact=False)
@@ -144,7 +128,7 @@ def test_a_binarized_resnet_serves_exactly_on_mock_cifar10(tmp_path, which):
   with tfds.testing.mock_data(num_examples=16):
     batch = next(iter(data.load("cifar10", "test", batch_size=16, source="tfds").epoch(0)))
   images = data.preprocess("cifar10", batch["image"])
-  variables = _calibrated(model, _variables(model, (32, 32, 3)), images)
+  variables = _calibrated(model, export.random_variables(model, (32, 32, 3)), images)
   packed = export.pack(variables, config, model=model if which != "paper_config" else None)
   assert len(packed.quantized()) == {"paper_config": 20, "reste_w1a1": 18, "xnor_w1a1": 6}[which]
   _assert_served_exactly(packed, model, variables, images, tmp_path, xnor=xnor)
