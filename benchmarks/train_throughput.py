@@ -28,7 +28,6 @@ import numpy as np
 from benchmarks import input_pipeline
 from experiments.configs import presets
 from ricci_jax import layers, runtime, train, train_config
-from ricci_jax.ricci_flow import Shifts
 from benchmarks.common import save_json
 
 
@@ -39,16 +38,7 @@ def _step(method: str, batch_size: int):
   x = jnp.zeros((1, 32, 32, 3))
   variables = model.init(jax.random.key(0), x, train=False)
   mask = layers.quantized_kernel_mask(variables["params"], layers.quantized_kernels(model, x, train=False))
-  lr = train.learning_rate_schedule(config, steps_per_epoch=351)
-  tx = train.build_optimizer(config, lr, mask)
-  program = train._Program(  # noqa: SLF001 - the training program's own step
-      model=model, tx=tx, lr=lr, hparam_schedules=train.estimator_schedules(config, 351), dataset="cifar10",
-      augment="default", seed=0, rfdnn=config.optimizer.name == "rf_sgd", fraction=config.rfdnn.fraction,
-      shifts=Shifts(*config.rfdnn.shifts), translation="roll")
-  state = train.TrainState(
-      step=jnp.zeros((), jnp.int32), params=variables["params"], batch_stats=variables["batch_stats"],
-      opt_state=tx.init(variables["params"]), quant=variables.get("quant", {}),
-      nonfinite_total=jnp.zeros((), jnp.int32), nonfinite_streak=jnp.zeros((), jnp.int32))
+  program, state = train.build_program(config, model, variables, mask, steps_per_epoch=351)
   # jitted exactly as the training program does (its CPU options; the state is not donated here
   # because every round reuses it)
   return jax.jit(functools.partial(train.train_step, program), compiler_options=runtime.compiler_options()), state

@@ -20,7 +20,7 @@ import json
 import os
 import pathlib
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import ml_collections
 
@@ -65,6 +65,13 @@ def run(configs: Mapping[str, ml_collections.ConfigDict], seeds: Sequence[int], 
 
   first = next(iter(configs.values()))
   devices = {run["device"] for r in results.values() for run in r["runs"] if run.get("device")}
+  sources = [run.get("source") or {} for r in results.values() for run in r["runs"]]
+  commits = sorted({s.get("commit") or "unrecorded" for s in sources})
+  dirty = any(s.get("dirty") for s in sources)
+  schedules = {label: f"{c.optimizer.schedule} learning rate from {c.optimizer.learning_rate}"
+               for label, c in configs.items()}
+  schedule_text = (next(iter(schedules.values())) if len(set(schedules.values())) == 1
+                   else "learning rate per run: " + "; ".join(f"{k}: {v}" for k, v in schedules.items()))
   rows = []
   for label, r in results.items():
     s = r["across_seeds"]
@@ -74,9 +81,9 @@ def run(configs: Mapping[str, ml_collections.ConfigDict], seeds: Sequence[int], 
       ["method", f"test acc. % (last {first.last_epochs} epochs, {len(seeds)} seeds pooled)",
        "std of seed means", "per-seed means", "minutes (all seeds)"], rows)
   text = (f"# {first.dataset.name}, {first.model.name}: {', '.join(configs)}\n\n"
-          f"Budget per run: {first.epochs} epochs, batch {first.batch_size}, "
-          f"{first.optimizer.schedule} learning rate from {first.optimizer.learning_rate}.\n\n{table}\n"
-          f"Ran on: {'; '.join(sorted(devices)) or 'unrecorded'}.\n"
+          f"Budget per run: {first.epochs} epochs, batch {first.batch_size}, {schedule_text}.\n\n{table}\n"
+          f"Ran on: {'; '.join(sorted(devices)) or 'unrecorded'}; code: commit(s) "
+          f"{', '.join(c[:10] for c in commits)}{' (some from a dirty tree)' if dirty else ''}.\n"
           + (f"Command: `{command}`\n" if command else ""))
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "results.md").write_text(text)

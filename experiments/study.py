@@ -13,8 +13,9 @@ and resume if interrupted):
   the paper's Fig. 6(b).
 * ``cifar``: binarized CIFAR ResNet-20 (all layers, as in Table 1) on the real CIFAR-10 subset,
   clipped STE, DoReFa and RF-DNN, 3 seeds, the paper's protocol shortened (see presets.cifar10_subset).
-* ``alpha``: RF-DNN's open knobs on Fashion-MNIST, 2 seeds: alpha (the regulariser's weight) at 1e2,
-  1e4, 1e6, and tau_scale 0.95 (a metric close to the edge of diagonal dominance).
+* ``alpha``: RF-DNN's open knobs on Fashion-MNIST, 2 seeds: alpha (the regulariser's weight) at 1 (the
+  default: this part's own control), 1e2, 1e4, 1e6, and tau_scale 0.95 (a metric close to the edge of
+  diagonal dominance).
 * ``metric``: the metric perturbation over training (experiments.metric_perturbation) for RF-DNN
   and clipped STE, with the cosine schedule and with a constant learning rate (the schedule alone
   shrinks every step, so the comparison with STE is what says whether the flow adds anything).
@@ -84,7 +85,8 @@ def part_cifar(quick: bool, workdir: pathlib.Path) -> dict:
 
 def part_alpha(quick: bool, workdir: pathlib.Path) -> dict:
   seeds = _seeds(quick, 2)
-  variants = {"alpha_1e2": ["rfdnn.alpha=100.0"], "alpha_1e4": ["rfdnn.alpha=10000.0"],
+  variants = {"alpha_1": ["rfdnn.alpha=1.0"],  # the control: the defaults, on the same machine and commit
+              "alpha_1e2": ["rfdnn.alpha=100.0"], "alpha_1e4": ["rfdnn.alpha=10000.0"],
               "alpha_1e6": ["rfdnn.alpha=1000000.0"], "tau_scale_0.95": ["rfdnn.tau_scale=0.95"]}
   if quick:
     variants = {"alpha_1e6": variants["alpha_1e6"]}
@@ -151,23 +153,36 @@ def _plot_bits(results: dict, path: pathlib.Path):
   fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
 
 
-def diagnostics_summary(workdir: pathlib.Path) -> str:
-  """Per RF-DNN run label and layer: mean over training of s, correction, N and the regulariser."""
+def diagnostics_data(workdir: pathlib.Path) -> dict:
+  """Per RF-DNN run (label/seed) and layer: mean and max over training of s, correction, N, the regulariser, gate."""
   from ricci_jax import reporting  # noqa: PLC0415
-  rows = []
+  out = {}
   for diag_file in sorted(workdir.glob("**/diagnostics.jsonl")):
     records = reporting.read_jsonl(diag_file)
     if not records:
       continue
     label = str(diag_file.parent.relative_to(workdir))
+    out[label] = {}
     for layer in records[0]["layers"]:
-      vals = {k: np.array([r["layers"][layer][k] for r in records]) for k in
+      vals = {k: np.array([float(r["layers"][layer][k]) for r in records]) for k in
               ("s", "correction", "residual", "regularizer", "gate")}
-      rows.append([label, layer, f"{vals['s'].mean():.3f}", f"{vals['correction'].mean():.2e}",
-                   f"{vals['correction'].max():.2e}", f"{vals['residual'].mean():.2e}",
-                   f"{vals['regularizer'].mean():.2e}", f"{vals['gate'].mean():.2f}"])
+      out[label][layer] = {**{f"{k}_mean": float(v.mean()) for k, v in vals.items()},
+                           **{f"{k}_max": float(v.max()) for k, v in vals.items()},
+                           **{f"{k}_min": float(v.min()) for k, v in vals.items()},
+                           "epsilon": str(records[-1]["layers"][layer].get("epsilon", "inf")),
+                           "logged_steps": len(records)}
+  return out
+
+
+def diagnostics_summary(data: dict) -> str:
+  """:func:`diagnostics_data` as a markdown table."""
+  from ricci_jax import reporting  # noqa: PLC0415
+  rows = [[label, layer, f"{v['s_mean']:.3f}", f"{v['correction_mean']:.2e}", f"{v['correction_max']:.2e}",
+           f"{v['residual_mean']:.2e}", f"{v['regularizer_mean']:.2e}", f"{v['gate_mean']:.2f}", v["epsilon"]]
+          for label, layers in data.items() for layer, v in layers.items()]
   return reporting.markdown_table(
-      ["run", "layer", "mean s", "mean |g^-1 d - d|/|d|", "max", "mean N", "mean |alpha dN|/|d|", "gate open"], rows)
+      ["run", "layer", "mean s", "mean |g^-1 d - d|/|d|", "max", "mean N", "mean |alpha dN|/|d|", "gate open",
+       "epsilon"], rows)
 
 
 def main(argv=None) -> int:
@@ -193,18 +208,22 @@ def main(argv=None) -> int:
     except ValueError as e:
       print(f"error in part {part!r}: {e}", file=sys.stderr)
       return 2
-    diag = diagnostics_summary(workdir)
+    diag_data = diagnostics_data(workdir)
+    diag = diagnostics_summary(diag_data)
     command = f"python -m experiments.study --parts {part}" + (" --quick" if args.quick else "")
     text = out["table"] + f"\nCommand: `{command}`" + (" (quick mode: tiny budgets, not evidence)\n" if args.quick else "\n")
     text += f"\nThis summary written on: {_machine()}\n"
     if "metric_table" in out:
       text += "\n## Metric perturbation\n\n" + out["metric_table"]
-    if diag.count("\n") > 2:
-      text += "\n## RF-DNN diagnostics (means over training)\n\n" + diag
+    if diag_data:
+      text += ("\n## RF-DNN diagnostics (means over training; the gate cannot close where epsilon is inf)\n\n"
+               + diag)
     (out_dir / "results.md").write_text(text)
     (out_dir / "results.json").write_text(json.dumps(_jsonable(out["results"]), indent=2))
-    for png in list(workdir.glob("*.png")):
-      (out_dir / png.name).write_bytes(png.read_bytes())
+    if diag_data:
+      (out_dir / "diagnostics.json").write_text(json.dumps(_jsonable(diag_data), indent=1))
+    for produced in [*workdir.glob("*.png"), *workdir.glob("*_metric.json")]:  # plots and the series behind them
+      (out_dir / produced.name).write_bytes(produced.read_bytes())
     print(text)
   return 0
 

@@ -61,6 +61,27 @@ def to_jsonable(value):
   return value
 
 
+def source_version(path: str | os.PathLike | None = None) -> dict[str, Any]:
+  """The git commit of the code at ``path`` (default: this package) and whether its tree was dirty.
+
+  ``{"commit": <sha or None>, "dirty": <bool or None>}``; both None outside a
+  git checkout (an installed wheel). Dirty means tracked files differ from the
+  commit or untracked files that git does not ignore exist: a result from a
+  dirty tree is not reproducible from its commit.
+  """
+  import subprocess  # noqa: PLC0415
+
+  where = pathlib.Path(path) if path is not None else pathlib.Path(__file__).resolve().parent
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=30,
+                            check=True).stdout.strip()
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=where, capture_output=True, text=True,
+                            timeout=30, check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    return {"commit": None, "dirty": None}
+  return {"commit": commit, "dirty": bool(status.strip())}
+
+
 def last_epochs_statistic(test_accuracies: Sequence[float], window: int) -> dict[str, Any]:
   """Mean and (population) standard deviation over the last ``window`` values."""
   values = np.asarray(list(test_accuracies)[-window:], float)
@@ -134,7 +155,7 @@ DIAGNOSTIC_PANELS = (
     ("s", "s = |tanh(tau w)|^2", "linear"),
     ("correction", "|g^-1 d - d| / |d| (distance from STE)", "log"),
     ("residual", "Ricci-flow residual N (Eq. 35)", "log"),
-    ("gate", "gate open (Eq. 36)", "linear"),
+    ("gate", "gate open, share of steps so far (Eq. 36)", "linear"),
 )
 
 
@@ -153,9 +174,10 @@ def plot_diagnostics(records: Sequence[Mapping], path: str | os.PathLike, title:
   cmap = plt.get_cmap("viridis")
   for ax, (key, label, scale) in zip(axes, DIAGNOSTIC_PANELS):
     for i, layer in enumerate(layers):
-      values = [float(r["layers"][layer][key]) for r in records]
-      if key == "gate":  # open fraction so far
-        values = list(np.cumsum(values) / np.arange(1, len(values) + 1))
+      if key == "gate":  # the share of all steps so far the gate let through
+        values = [float(r["layers"][layer].get("gate_open_fraction", r["layers"][layer][key])) for r in records]
+      else:
+        values = [float(r["layers"][layer][key]) for r in records]
       ax.plot(steps, values, color=cmap(i / max(1, len(layers) - 1)), lw=1,
               label=layer if i in (0, len(layers) - 1) else None)
     if scale == "log" and all(float(r["layers"][lay][key]) > 0 for r in records for lay in layers):

@@ -14,10 +14,14 @@ Discrete flow (Eq. 34):   g(t+1)|k1 - g(t)|k1 = -2 Ric(g(t)),   g(0)|k1 = I - t0
 Residual N (Eq. 35):      N = || g(t+1)|k1 - g(t)|k1 - (-2 Ric(g(t))) ||_F^2
 Gate (Eq. 36):            the layer's natural gradient is multiplied by 1[N <= epsilon].
 
-Every metric is I - u u^T, and the identities cancel in all three
-expressions, so each is a weighted sum of outer products ``sum_m c_m u_m u_m^T``
-(:class:`Rank1Sum`) whose squared Frobenius norm needs only the dot products
-of the vectors: O(M^2 n) for M outer products, never O(n^2).
+The metrics are those the update uses (:mod:`ricci_jax.lne`): each block of
+a layer has the rank-1 metric I - u u^T (Eq. 16) or the diagonal metric
+diag(1 - u^2) (Eq. 14's Hessian), the layer's metric is block-diagonal, and N
+is the sum of the blocks' squared residuals. The identities cancel in all
+three expressions, so each rank-1 residual is a weighted sum of outer products
+``sum_m c_m u_m u_m^T`` (:class:`Rank1Sum`) whose squared Frobenius norm needs
+only the dot products of the vectors: O(M^2 n) for M outer products, never
+O(n^2); the diagonal residual is elementwise.
 
 **Which metrics enter Eq. 34** is left open by the paper (notes, ambiguity A4).
 ``reading`` selects:
@@ -265,33 +269,46 @@ def _frobenius_sq_bwd(residuals, cotangent):
 _frobenius_sq.defvjp(_frobenius_sq_fwd, _frobenius_sq_bwd)
 
 
+def _block_steps(w: Array, shift_grads: Array, tau: Array, flow_step: Array, approx: str, metric: str,
+                 block: str | int) -> Array:
+  """eta * g^-1 g_s per shift, as (4, blocks, m) float32, held constant (stop_gradient)."""
+  nat = jax.vmap(lambda g: lne.natural_gradient(w, g, tau, approx, metric=metric, block=block))(shift_grads)
+  blocks = jax.vmap(lambda x: lne.to_blocks(x, block))(nat)
+  return jax.lax.stop_gradient(flow_step * blocks)
+
+
 def tentative_steps(
-    w: Array, shift_grads: Array, tau: Array, flow_step: Array, approx: str = "weak"
+    w: Array, shift_grads: Array, tau: Array, flow_step: Array, approx: str = "weak", *,
+    metric: str = "rank1", block: str | int = "layer",
 ) -> Array:
-  """eta * g^-1 g_s for each shift, flattened to (4, n) float32, held constant (stop_gradient)."""
-  steps = jax.vmap(lambda g: lne.natural_gradient(w, g, tau, approx))(shift_grads)
-  return jax.lax.stop_gradient(flow_step * steps.reshape(4, -1).astype(jnp.float32))
+  """eta * g^-1 g_s for each shift, flattened in block order to (4, n) float32, held constant (stop_gradient)."""
+  return _block_steps(w, shift_grads, tau, flow_step, approx, metric, block).reshape(4, -1)
 
 
 def tentative_vectors(
-    w: Array, shift_grads: Array, tau: Array, flow_step: Array, approx: str = "weak"
+    w: Array, shift_grads: Array, tau: Array, flow_step: Array, approx: str = "weak", *,
+    metric: str = "rank1", block: str | int = "layer",
 ) -> Array:
-  """t_s = tanh(tau (W - eta g^-1 g_s)) for each shift: the metrics g|s = I - t_s t_s^T.
+  """t_s = tanh(tau (W - eta g^-1 g_s)) for each shift: the metrics g|s (I - t_s t_s^T, or diag(1 - t_s^2)).
 
   Args:
     w: latent weights of one layer.
     shift_grads: the four translated gradients, shape (4, *w.shape).
-    tau: the metric's tau.
+    tau: the metric's tau (a scalar or one per block, :func:`ricci_jax.lne.resolve_tau`).
     flow_step: eta, the tentative step size.
     approx: the inverse used for the tentative natural gradient.
+    metric, block: the metric and what one metric covers (:mod:`ricci_jax.lne`).
 
   Returns:
-    (4, n) float32: one row per shift, order (k1, k2, j1, j2). The tentative
-    step is held constant (stop_gradient); the result depends on ``w`` only
-    through ``tanh(tau w)``.
+    (4, n) float32: one row per shift, order (k1, k2, j1, j2), each the
+    layer's blocks one after the other (:func:`ricci_jax.lne.to_blocks`;
+    for ``block="layer"`` the flattened kernel). The tentative step is held
+    constant (stop_gradient); the result depends on ``w`` only through
+    ``tanh(tau w)``.
   """
-  steps = tentative_steps(w, shift_grads, tau, flow_step, approx)
-  return jnp.tanh(tau * (jnp.ravel(w).astype(jnp.float32)[None] - steps))
+  wb = lne.to_blocks(w, block)
+  steps = _block_steps(w, shift_grads, tau, flow_step, approx, metric, block)
+  return jnp.tanh(lne.tau_column(tau, wb.shape[0])[None] * (wb[None] - steps)).reshape(4, -1)
 
 
 def curvature(tk1: Array, tk2: Array, tj1: Array, tj2: Array, shifts: Shifts = Shifts()) -> Rank1Sum:
@@ -305,8 +322,14 @@ def curvature(tk1: Array, tk2: Array, tj1: Array, tj2: Array, shifts: Shifts = S
   return Rank1Sum(coeffs, jnp.stack([tk1, tk2, tj1, tj2]))
 
 
+def residual_coefficients(shifts: Shifts = Shifts()) -> Array:
+  """The c_m of Eq. 34's residual over (g(t+1)|k1, g(t)|k1, g(t)|k2, g(t)|j1, g(t)|j2); they sum to 0."""
+  dk, dj = float(shifts.dk), float(shifts.dj)
+  return jnp.array([-1.0, 1.0 + 1.0 / dk, -1.0 / dk, -1.0 / dj, 1.0 / dj], jnp.float32)
+
+
 def flow_residual(t_next_k1: Array, previous: Array, shifts: Shifts = Shifts()) -> Rank1Sum:
-  r"""The residual of the discrete Ricci flow (Eq. 34), whose squared norm is N (Eq. 35).
+  r"""The residual of the discrete Ricci flow (Eq. 34) for one rank-1 metric, whose squared norm is N (Eq. 35).
 
   :math:`R = g(t+1)|_{k1} - g(t)|_{k1} - (-2\,\mathrm{Ric}(g(t)))` with
   g(t+1)|k1 = I - a a^T (``a = t_next_k1``) and g(t)|s = I - u_s u_s^T
@@ -315,9 +338,7 @@ def flow_residual(t_next_k1: Array, previous: Array, shifts: Shifts = Shifts()) 
       R = -a a^T + (1 + 1/dk) u_k1 u_k1^T - (1/dk) u_k2 u_k2^T
                  - (1/dj) u_j1 u_j1^T + (1/dj) u_j2 u_j2^T
   """
-  dk, dj = float(shifts.dk), float(shifts.dj)
-  coeffs = jnp.array([-1.0, 1.0 + 1.0 / dk, -1.0 / dk, -1.0 / dj, 1.0 / dj], jnp.float32)
-  return Rank1Sum(coeffs, jnp.concatenate([t_next_k1[None], previous], axis=0))
+  return Rank1Sum(residual_coefficients(shifts), jnp.concatenate([t_next_k1[None], previous], axis=0))
 
 
 def flow_residual_dense(t_next_k1: Array, previous: Array, shifts: Shifts = Shifts()) -> Array:
@@ -329,53 +350,94 @@ def flow_residual_dense(t_next_k1: Array, previous: Array, shifts: Shifts = Shif
   return metric(t_next_k1) - gk1 - ricci
 
 
+def _diagonal_frobenius_sq(coeffs: Array, vectors: Array) -> Array:
+  """|sum_m c_m diag(u_m^2)|_F^2 = sum_i (sum_m c_m u_mi^2)^2, centred on u_0 as :meth:`Rank1Sum.frobenius_sq`.
+
+  With r = u_0, d_m = u_m - r: sum_m c_m u_m^2 = A r^2 + 2 r e + sum_m c_m d_m^2,
+  e = sum_m c_m d_m, A = sum_m c_m (0 for the flow residual), so only the
+  small differences enter and float32 keeps N's digits.
+  """
+  r = vectors[0]
+  d = vectors[1:] - r[None]
+  c = coeffs[1:]
+  diag = jnp.sum(coeffs) * r * r + 2.0 * r * (c @ d) + c @ (d * d)
+  return jnp.sum(diag * diag)
+
+
+def residual_squared_norm(t_next_k1: Array, previous: Array, shifts: Shifts = Shifts(), *,
+                          metric: str = "rank1", blocks: int = 1) -> Array:
+  """N of Eq. 35 for a layer whose metric is block-diagonal: the sum of every block's squared residual.
+
+  Args:
+    t_next_k1: (n,) g(t+1)|k1's vector, blocks one after the other.
+    previous: (4, n) the vectors of g(t)|k1, g(t)|k2, g(t)|j1, g(t)|j2.
+    shifts: the translations (their differences weight the curvature).
+    metric: ``"rank1"`` (each block's metric I - u u^T: the rank-1
+      Frobenius algebra, O(25 n)) or ``"hessian_diagonal"`` (diag(1 - u^2)).
+    blocks: number of equal blocks the n entries form.
+  """
+  coeffs = residual_coefficients(shifts)
+  vectors = jnp.concatenate([t_next_k1[None], previous], axis=0)
+  if metric == "hessian_diagonal":
+    return _diagonal_frobenius_sq(coeffs, vectors)
+  vectors = vectors.reshape(5, blocks, -1)
+  if blocks == 1:
+    return _frobenius_sq(coeffs, vectors[:, 0])
+  return jnp.sum(jax.vmap(lambda v: _frobenius_sq(coeffs, v), in_axes=1)(vectors))
+
+
 def flow_vectors(
     w: Array, shift_grads: Array, previous: Array, tau: Array, flow_step: Array,
-    approx: str = "weak", reading: str = "lag",
+    approx: str = "weak", reading: str = "lag", *, metric: str = "rank1", block: str | int = "layer",
 ) -> tuple[Array, Array, Array]:
-  """The vectors entering Eq. 34 under ``reading``, as functions of ``w``.
+  """The vectors entering Eq. 34 under ``reading``, as functions of ``w`` (blocks one after the other).
 
   Returns:
-    ``(t_next_k1, t_prev, to_store)``: g(t+1)|k1's vector, the four g(t)|s
-    vectors, and the four vectors to keep in the state for the next step.
+    ``(t_next_k1, t_prev, to_store)``: g(t+1)|k1's vector (n,), the four
+    g(t)|s vectors (4, n), and the four vectors to keep in the state for the
+    next step (4, n).
   """
+  if reading not in READINGS:
+    raise ValueError(f"unknown reading {reading!r}; valid: {', '.join(READINGS)}")
+  wb = lne.to_blocks(w, block)
+  tau_col = lne.tau_column(tau, wb.shape[0])
+  steps = _block_steps(w, shift_grads, tau, flow_step, approx, metric, block)  # (4, B, m)
   if reading == "lag":
     # only g(t+1)|k1 depends on w: the other rows stay out of the derivative
-    steps = tentative_steps(w, shift_grads, tau, flow_step, approx)
-    wf = jnp.ravel(w).astype(jnp.float32)
-    store = jax.lax.stop_gradient(jnp.tanh(tau * (wf[None] - steps)))
-    return jnp.tanh(tau * (wf - steps[0])), previous, store
-  tentative = tentative_vectors(w, shift_grads, tau, flow_step, approx)
+    store = jax.lax.stop_gradient(jnp.tanh(tau_col[None] * (wb[None] - steps))).reshape(4, -1)
+    return jnp.tanh(tau_col * (wb - steps[0])).reshape(-1), previous, store
+  tentative = jnp.tanh(tau_col[None] * (wb[None] - steps)).reshape(4, -1)
   if reading == "current":
-    t = lne.metric_vector(w, tau)
+    t = jnp.tanh(tau_col * wb).reshape(-1)
     return tentative[0], jnp.broadcast_to(t, tentative.shape), tentative
-  if reading == "two_step":
-    k1_step = jax.lax.stop_gradient(
-        flow_step * jnp.ravel(lne.natural_gradient(w, shift_grads[0], tau, approx)).astype(jnp.float32))
-    t_next = jnp.tanh(tau * (jnp.ravel(w).astype(jnp.float32) - 2.0 * k1_step))
-    return t_next, tentative, tentative
-  raise ValueError(f"unknown reading {reading!r}; valid: {', '.join(READINGS)}")
+  # two_step: a second tentative step on the k1 batch, reusing the k1 gradient
+  t_next = jnp.tanh(tau_col * (wb - 2.0 * steps[0])).reshape(-1)
+  return t_next, tentative, tentative
 
 
 def residual_norm(
     w: Array, shift_grads: Array, previous: Array, tau: Array, flow_step: Array,
-    approx: str = "weak", reading: str = "lag", shifts: Shifts = Shifts(), normalize: bool = False,
+    approx: str = "weak", reading: str = "lag", shifts: Shifts = Shifts(), normalize: bool = False, *,
+    metric: str = "rank1", block: str | int = "layer",
 ) -> tuple[Array, Array]:
   """N of Eq. 35 for one layer, and the vectors to store for the next step.
 
   Differentiable in ``w`` through ``tanh(tau w)`` only (the tentative steps and
   ``tau`` are held constant): ``jax.grad`` of this gives the regulariser's
-  gradient. ``normalize`` divides N by n (not in the paper; ambiguity A5).
+  gradient. The metric is the one the update uses (``metric``, ``block``);
+  ``normalize`` divides N by n (not in the paper; ambiguity A5).
   """
-  t_next, t_prev, store = flow_vectors(w, shift_grads, previous, tau, flow_step, approx, reading)
-  n = flow_residual(t_next, t_prev, shifts).frobenius_sq()
+  metric, approx = lne.resolve_metric(metric, approx)
+  t_next, t_prev, store = flow_vectors(w, shift_grads, previous, tau, flow_step, approx, reading,
+                                       metric=metric, block=block)
+  blocks, _ = lne.block_shape(w.shape, block)
+  n = residual_squared_norm(t_next, t_prev, shifts, metric=metric, blocks=blocks)
   if normalize:
     n = n / w.size
   return n, store
 
 
-def initial_previous(w: Array, tau: Array) -> Array:
-  """g(0)|s = I - t0 t0^T for every shift (the initial condition of Eq. 34): shape (4, n)."""
-  t0 = lne.metric_vector(w, tau)
+def initial_previous(w: Array, tau: Array, block: str | int = "layer") -> Array:
+  """g(0)|s = g(t0) for every shift (the initial condition of Eq. 34): shape (4, n), blocks in order."""
+  t0 = lne.block_vectors(w, tau, block).reshape(-1)
   return jnp.broadcast_to(t0, (4, t0.size))
-

@@ -126,13 +126,10 @@ def build_optimizer(config: ml_collections.ConfigDict, lr: optax.Schedule, quant
                     axis_name: str | None = None) -> optax.GradientTransformationExtraArgs:
   o = config.optimizer
   if o.name == "rf_sgd":
-    r = config.rfdnn
-    tau = r.tau if r.tau == "auto" else float(r.tau)
     return transform.rf_sgd(
         lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
-        quantized=quantized_mask, tau=tau, tau_scale=r.tau_scale, alpha=r.alpha, epsilon=r.epsilon,
-        approx=r.approx, shifts=Shifts(*map(int, r.shifts)), reading=r.reading, normalize=r.normalize,
-        axis_name=axis_name)
+        quantized=quantized_mask, axis_name=axis_name, control_seed=config.seed,
+        **train_config.rfdnn_options(config))
   if o.name == "adam":
     return optax.with_extra_args_support(optax.adamw(lr, weight_decay=o.weight_decay))
   return optax.with_extra_args_support(optax.chain(
@@ -160,7 +157,7 @@ class TrainState:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Program:
+class Program:
   """The pure functions of one configuration (closures over static structure)."""
 
   model: nn.Module
@@ -174,9 +171,10 @@ class _Program:
   fraction: float
   shifts: Shifts
   translation: str
+  quantized: Any = None  # bools like the params: the quantized kernels (for their flip rate)
 
 
-def _augment(program: _Program, key: Array, images: Array) -> Array:
+def _augment(program: Program, key: Array, images: Array) -> Array:
   if program.augment == "none":
     return data_lib.preprocess(program.dataset, images)
   if program.augment == "crop_flip":
@@ -184,13 +182,13 @@ def _augment(program: _Program, key: Array, images: Array) -> Array:
   return data_lib.augment(program.dataset, key, images)
 
 
-def _scheduled_quant(program: _Program, quant: Any, step: Array) -> Any:
+def _scheduled_quant(program: Program, quant: Any, step: Array) -> Any:
   if not program.hparam_schedules or not jax.tree.leaves(quant):
     return quant
   return layers.set_quant_hparams(quant, **{k: s(step) for k, s in program.hparam_schedules.items()})
 
 
-def _loss(program: _Program, params, batch_stats, quant, images, labels, mask):
+def _loss(program: Program, params, batch_stats, quant, images, labels, mask):
   variables = {"params": params, "batch_stats": batch_stats, "quant": quant}
   logits, new_vars = program.model.apply(variables, images, train=True, mutable=["batch_stats"])
   logits = logits.astype(jnp.float32)
@@ -204,7 +202,41 @@ def _all_finite(tree) -> Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)] or [jnp.array(True)]))
 
 
-def train_step(program: _Program, state: TrainState, batch: dict, axis_name: str | None = None):
+def build_program(config: ml_collections.ConfigDict, model: nn.Module, variables: dict, quantized_mask: Any,
+                  steps_per_epoch: int, axis_name: str | None = None) -> tuple[Program, TrainState]:
+  """The configuration's :class:`Program` (optimizer, schedules, augmentation) and its initial :class:`TrainState`.
+
+  ``variables`` are the model's (``model.init``); ``quantized_mask`` marks the
+  quantized kernels among the params (:func:`ricci_jax.layers.quantized_kernel_mask`).
+  ``jax.jit(functools.partial(train_step, program))`` is then the program's step.
+  """
+  lr = learning_rate_schedule(config, steps_per_epoch)
+  tx = build_optimizer(config, lr, quantized_mask, axis_name=axis_name)
+  program = Program(
+      model=model, tx=tx, lr=lr, hparam_schedules=estimator_schedules(config, steps_per_epoch),
+      dataset=config.dataset.name, augment=config.dataset.augment, seed=config.seed,
+      rfdnn=config.optimizer.name == "rf_sgd", fraction=config.rfdnn.fraction,
+      shifts=Shifts(*map(int, config.rfdnn.shifts)), translation=config.rfdnn.translation,
+      quantized=quantized_mask)
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables["params"],
+      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]),
+      quant=variables.get("quant", {}), nonfinite_total=jnp.zeros((), jnp.int32),
+      nonfinite_streak=jnp.zeros((), jnp.int32))
+  return program, state
+
+
+def _flip_rate(old, new, quantized) -> Array:
+  """The share of quantized latent weights whose sign (hence whose binary value) changed in this step."""
+  flips, total = jnp.zeros((), jnp.int32), 0
+  for o, n, q in zip(jax.tree.leaves(old), jax.tree.leaves(new), jax.tree.leaves(quantized)):
+    if q:
+      flips = flips + jnp.sum((o >= 0) != (n >= 0)).astype(jnp.int32)
+      total += o.size
+  return flips.astype(jnp.float32) / max(total, 1)
+
+
+def train_step(program: Program, state: TrainState, batch: dict, axis_name: str | None = None):
   """One optimisation step; returns the new state and this step's metrics (device arrays)."""
   key = jax.random.fold_in(jax.random.key(program.seed), state.step)
   images = _augment(program, key, batch["image"])
@@ -244,12 +276,14 @@ def train_step(program: _Program, state: TrainState, batch: dict, axis_name: str
   metrics = {"loss": loss, "accuracy": correct / jnp.maximum(count, 1), "finite": finite,
              "learning_rate": program.lr(state.step)}
   metrics.update({f"hparam/{k}": s(state.step) for k, s in program.hparam_schedules.items()})
+  if program.quantized is not None:
+    metrics["quant/flip_rate"] = _flip_rate(state.params, new_state.params, program.quantized)
   if program.rfdnn:
     metrics.update(transform.summarize_diagnostics(new_state.opt_state))
   return new_state, metrics
 
 
-def eval_step(program: _Program, state: TrainState, batch: dict, axis_name: str | None = None):
+def eval_step(program: Program, state: TrainState, batch: dict, axis_name: str | None = None):
   """Sums of loss and correct predictions over the real (unmasked) examples of a batch."""
   images = data_lib.preprocess(program.dataset, batch["image"])
   quant = _scheduled_quant(program, state.quant, state.step)
@@ -303,14 +337,14 @@ class _Placement:
       return jax.tree.map(lambda x: x.reshape((self.n, x.shape[0] // self.n) + x.shape[1:]), batch)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.sharded, x), batch)
 
-  def train_fn(self, program: _Program) -> Callable:
+  def train_fn(self, program: Program) -> Callable:
     if self.use_pmap:
       return jax.pmap(functools.partial(train_step, program, axis_name="data"), axis_name="data",
                       donate_argnums=(0,))
     return jax.jit(functools.partial(train_step, program), donate_argnums=(0,),
                    compiler_options=runtime.compiler_options())
 
-  def eval_fn(self, program: _Program) -> Callable:
+  def eval_fn(self, program: Program) -> Callable:
     if self.use_pmap:
       return jax.pmap(functools.partial(eval_step, program, axis_name="data"), axis_name="data")
     return jax.jit(functools.partial(eval_step, program), compiler_options=runtime.compiler_options())
@@ -405,19 +439,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     variables = _load_init(config, variables)
   model_summary = summarize_model(model, variables, config)
   placement = _Placement(config.pmap)
-  lr = learning_rate_schedule(config, steps_per_epoch)
   use_rf = config.optimizer.name == "rf_sgd"
-  tx = build_optimizer(config, lr, mask, axis_name="data" if (config.pmap and use_rf) else None)
-  program = _Program(
-      model=model, tx=tx, lr=lr, hparam_schedules=estimator_schedules(config, steps_per_epoch),
-      dataset=config.dataset.name, augment=config.dataset.augment, seed=config.seed, rfdnn=use_rf,
-      fraction=config.rfdnn.fraction, shifts=Shifts(*map(int, config.rfdnn.shifts)),
-      translation=config.rfdnn.translation)
-  state = TrainState(
-      step=jnp.zeros((), jnp.int32), params=variables["params"],
-      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]),
-      quant=variables.get("quant", {}), nonfinite_total=jnp.zeros((), jnp.int32),
-      nonfinite_streak=jnp.zeros((), jnp.int32))
+  program, state = build_program(config, model, variables, mask, steps_per_epoch,
+                                 axis_name="data" if (config.pmap and use_rf) else None)
 
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   (workdir / "model_summary.txt").write_text(model_summary.text() + "\n")
@@ -512,6 +536,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       "model_summary": model_summary.totals(),
       "seconds": time.perf_counter() - started,  # this invocation (compilation and evaluation included)
       "device": describe_devices(),
+      "source": reporting.source_version(),
   }
   (workdir / "results.json").write_text(json.dumps(reporting.to_jsonable(summary), indent=2))
   if config.plots and jax.process_index() == 0:

@@ -21,7 +21,7 @@ from typing import Any
 import ml_collections
 
 from ricci_jax import data as data_lib
-from ricci_jax import lne, ricci_flow
+from ricci_jax import lne, ricci_flow, transform
 from ricci_jax.config import METHODS as QUANT_METHODS
 from ricci_jax.estimators import ESTIMATORS
 from ricci_jax.quantizers import SCALE_MODES, check_bits
@@ -79,11 +79,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 5e-4
 
   c.rfdnn = ml_collections.ConfigDict()
-  c.rfdnn.tau = "auto"  # "auto" or a number (as a string, e.g. "0.05")
-  c.rfdnn.tau_scale = 0.5
-  c.rfdnn.alpha = 1.0
-  c.rfdnn.epsilon = math.inf
-  c.rfdnn.approx = "weak"  # weak | exact | diagonal | none
+  c.rfdnn.metric = "rank1"  # rank1 (Eq. 16 as printed) | hessian_diagonal (Eq. 14's Hessian, diag(1 - t^2))
+  c.rfdnn.block = "layer"  # layer | out_channel | kernel | a number of weights per block (as a string)
+  c.rfdnn.tau = "auto"  # "auto" | "std" | a number (as a string, e.g. "0.05")
+  c.rfdnn.tau_scale = 0.5  # c of tau="auto", kappa of tau="std"
+  c.rfdnn.alpha = 1.0  # the regulariser's raw weight (unused when rho is set)
+  c.rfdnn.rho = None  # a float: alpha per layer and step so that |alpha grad N| = rho |d|
+  c.rfdnn.epsilon = math.inf  # the gate's absolute bound on N (inf: the gate cannot close)
+  c.rfdnn.epsilon_relative = None  # a float: the gate also closes when N > this x the running median of N
+  c.rfdnn.median_window = 100  # steps in that running median
+  c.rfdnn.control = "none"  # none | match_norm (update rescaled to |d|) | random_direction (the null control)
+  c.rfdnn.approx = "weak"  # weak | exact | diagonal (= hessian_diagonal + exact) | none
   c.rfdnn.fraction = 0.125  # share of the batch for the four translated passes (1 = the paper's cost)
   c.rfdnn.shifts = (1, -1, 1, -1)  # k1, k2, j1, j2
   c.rfdnn.translation = "roll"  # roll | pad
@@ -197,6 +203,35 @@ def resolve_init_dir(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
       "there); pass the working directory of a finished run, e.g. a float run of the same model")
 
 
+def rfdnn_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """``config.rfdnn`` as keyword arguments of :func:`ricci_jax.transform.rf_sgd`.
+
+  ``tau`` becomes a float unless it is a mode ("auto", "std"); ``block``
+  becomes an int when it is a number of weights. The block and tau are checked
+  here (:func:`ricci_jax.lne.check_block`), so a bad one fails before training.
+  """
+  r = config.rfdnn
+  tau = r.tau
+  if tau not in lne.TAU_MODES:
+    try:
+      tau = float(tau)
+    except ValueError:
+      raise ValueError(f"rfdnn.tau must be a positive number or one of {', '.join(lne.TAU_MODES)}, "
+                       f"got {r.tau!r}") from None
+  block = r.block
+  if isinstance(block, str) and block.isdigit():
+    block = int(block)
+  try:
+    lne.check_block(block)
+  except ValueError as e:
+    raise ValueError(f"rfdnn.block: {e}") from None
+  return dict(
+      tau=tau, tau_scale=r.tau_scale, alpha=r.alpha, rho=r.rho, epsilon=r.epsilon,
+      epsilon_relative=r.epsilon_relative, median_window=r.median_window, approx=r.approx, metric=r.metric,
+      block=block, reading=r.reading, normalize=r.normalize, control=r.control,
+      shifts=ricci_flow.Shifts(*map(int, r.shifts)))
+
+
 def _choice(name: str, value, allowed):
   if value not in allowed:
     raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(str, allowed))}")
@@ -237,13 +272,24 @@ def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | Non
   _choice("RF-DNN approximation", config.rfdnn.approx, tuple(a for a in lne.APPROXIMATIONS if a != "strong"))
   _choice("RF-DNN reading", config.rfdnn.reading, ricci_flow.READINGS)
   _choice("translation", config.rfdnn.translation, ricci_flow.TRANSLATION_MODES)
-  if config.rfdnn.tau != "auto":
-    try:
-      tau = float(config.rfdnn.tau)
-    except ValueError:
-      raise ValueError(f"rfdnn.tau must be 'auto' or a positive number, got {config.rfdnn.tau!r}") from None
-    if not tau > 0:
-      raise ValueError(f"rfdnn.tau must be 'auto' or a positive number, got {config.rfdnn.tau!r}")
+  _choice("RF-DNN control", config.rfdnn.control, transform.CONTROLS)
+  r = rfdnn_options(config)
+  try:
+    metric, _ = lne.resolve_metric(r["metric"], r["approx"])
+    lne.check_tau(r["tau"], metric)
+  except ValueError as e:
+    raise ValueError(f"rfdnn: {e}") from None
+  for name in ("tau_scale", "rho", "epsilon_relative"):
+    value = config.rfdnn[name]
+    if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+      raise ValueError(f"rfdnn.{name} must be a positive number{' or None' if name != 'tau_scale' else ''}, "
+                       f"got {value!r}")
+  for name in ("alpha", "epsilon"):
+    if not config.rfdnn[name] >= 0:
+      raise ValueError(f"rfdnn.{name} must be >= 0, got {config.rfdnn[name]!r}")
+  if isinstance(config.rfdnn.median_window, bool) or not isinstance(config.rfdnn.median_window, int) \
+      or config.rfdnn.median_window < 1:
+    raise ValueError(f"rfdnn.median_window must be a positive integer, got {config.rfdnn.median_window!r}")
   ricci_flow.Shifts(*map(int, config.rfdnn.shifts))
   if not 0 < config.rfdnn.fraction <= 1:
     raise ValueError(f"rfdnn.fraction must be in (0, 1], got {config.rfdnn.fraction}")

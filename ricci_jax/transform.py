@@ -35,34 +35,58 @@ Array = jax.Array
 ScalarOrSchedule = float | Array | Callable[[Array], Array]
 
 
+CONTROLS = ("none", "match_norm", "random_direction")
+"""What is done to each layer's preconditioned update before it leaves the transform.
+
+* ``"none"``: the update as the reading computes it.
+* ``"match_norm"``: rescaled to the norm of the STE gradient d, per layer and
+  step: the preconditioner's direction with STE's step size.
+* ``"random_direction"`` (a null control): d plus a random vector whose norm
+  is that of the reading's correction |u - d|, per layer and step: a
+  perturbation of RF-DNN's size in no particular direction.
+"""
+
+
 class LayerDiagnostics(NamedTuple):
   """What each quantized layer reports every step (float32 scalars).
 
   Attributes:
-    tau: the metric's tau.
-    s: |tanh(tau w)|^2 (g is positive definite iff s < 1).
-    dominant: 1 if g is strictly diagonally dominant (Def. 17).
-    correction: |g^-1 d - d| / |d|: how far the update is from plain STE.
+    tau: the metric's tau (mean over blocks).
+    s: |tanh(tau w)|^2 per block, mean over the layer's blocks (a rank-1
+      block metric is positive definite iff its s < 1).
+    s_max: the largest block's s.
+    dominant: the share of blocks whose rank-1 metric is strictly diagonally
+      dominant (Def. 17).
+    correction: |u - d| / |d|: how far the (ungated) update u is from the
+      plain STE gradient d, regulariser and control included.
     residual: N, the squared residual of the discrete Ricci flow (Eq. 35);
       0 for :func:`scale_by_lne`.
-    gate: 1 if the gate of Eq. 36 let the update through (N <= epsilon).
+    gate: 1 if the gate of Eq. 36 let this step's update through (N <= epsilon).
     regularizer: |alpha dN/dW| / |d|, the regulariser's gradient against the
       loss gradient; 0 for :func:`scale_by_lne`.
+    alpha: the regulariser's weight used this step (``rho`` sets it per step).
+    epsilon: the gate's bound this step (``epsilon_relative`` sets it from the
+      running median of N); inf when the gate cannot close.
+    gate_open_fraction: the share of all steps so far whose gate was open.
   """
 
   tau: Array
   s: Array
+  s_max: Array
   dominant: Array
   correction: Array
   residual: Array
   gate: Array
   regularizer: Array
+  alpha: Array
+  epsilon: Array
+  gate_open_fraction: Array
 
 
 def _zero_diagnostics(_) -> LayerDiagnostics:
   z = jnp.zeros((), jnp.float32)
-  return LayerDiagnostics(z, z, z, z, z, jnp.ones((), jnp.float32), z)
-
+  one = jnp.ones((), jnp.float32)
+  return LayerDiagnostics(z, z, z, z, z, z, one, z, z, jnp.full((), jnp.inf, jnp.float32), one)
 
 
 def _is_concrete(tree) -> bool:
@@ -74,25 +98,64 @@ def _check_params(params, name: str):
     raise ValueError(f"{name} needs the current params: call update(updates, state, params)")
 
 
-def _validate_layers(params, tau, tau_scale, approx):
-  """Fail-fast checks on concrete params at init: strong-approximation size, positive definiteness."""
-  lne.check_approx(approx)
-  if isinstance(tau, str):
-    lne.resolve_tau(jnp.zeros(1), tau)  # validates the string
-  leaves = jax.tree_util.tree_leaves_with_path(params)
-  for path, w in leaves:
+def _check_number(name: str, value, allow_zero: bool):
+  if value is None or not _is_concrete(value) or callable(value):
+    return
+  arr = np.asarray(value, np.float64)
+  if not np.all(arr >= 0 if allow_zero else arr > 0):
+    raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _check_options(tau, tau_scale, approx, metric, block, control) -> tuple[str, str]:
+  """Construction-time checks shared by both transforms; returns the resolved (metric, approx)."""
+  metric, approx = lne.resolve_metric(metric, approx)
+  lne.check_block(block)
+  lne.check_tau(tau, metric)
+  _check_number("tau_scale", tau_scale, allow_zero=False)
+  if control not in CONTROLS:
+    raise ValueError(f"unknown control {control!r}; valid: {', '.join(CONTROLS)}")
+  return metric, approx
+
+
+def _validate_layers(params, tau, tau_scale, metric, approx, block):
+  """Fail-fast checks on concrete params at init: block sizes, strong-approximation size, positive definiteness."""
+  for path, w in jax.tree_util.tree_leaves_with_path(params):
     name = jax.tree_util.keystr(path) or "params"
-    if approx == "strong" and w.size > lne.STRONG_MAX_SIZE:
+    try:
+      _, size = lne.block_shape(w.shape, block)
+    except ValueError as e:
+      raise ValueError(f"{name}: {e}") from None
+    if approx == "strong" and size > lne.STRONG_MAX_SIZE:
       raise ValueError(
-          f"approx='strong' is implemented for layers of at most {lne.STRONG_MAX_SIZE} weights; "
-          f"{name} has {w.size}. Use 'exact' or 'weak'.")
-    if not isinstance(tau, str) and _is_concrete((w, tau)):
-      lne.check_positive_definite(w, tau, tau_scale, name=name)
+          f"approx='strong' is implemented for blocks of at most {lne.STRONG_MAX_SIZE} weights; "
+          f"{name} has blocks of {size} (block={block!r}). Use 'exact' or 'weak', or a smaller block.")
+    if lne.needs_positive_definite(metric, approx) and _is_concrete((w, tau, tau_scale)):
+      lne.check_positive_definite(w, tau, tau_scale, name=name, block=block)
+
+
+def _apply_control(control: str, nat: Array, d: Array, key: Array) -> Array:
+  """The update after ``control`` (:data:`CONTROLS`), float32, shaped like ``d``."""
+  if control == "match_norm":
+    norm = jnp.linalg.norm(nat)
+    return nat * jnp.where(norm > 0, jnp.linalg.norm(d) / jnp.where(norm > 0, norm, 1.0), 0.0)
+  if control == "random_direction":
+    xi = jax.random.normal(key, d.shape, jnp.float32)
+    return d + jnp.linalg.norm(nat - d) * xi / jnp.maximum(jnp.linalg.norm(xi), jnp.finfo(jnp.float32).tiny)
+  return nat
+
+
+def _control_key(seed: int, count: Array, index: int) -> Array:
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), count), index)
+
+
+def _leaves(tree, treedef):
+  return treedef.flatten_up_to(tree)
 
 
 class ScaleByLNEState(NamedTuple):
-  """State of :func:`scale_by_lne`: the last step's diagnostics per layer."""
+  """State of :func:`scale_by_lne`: the update count and the last step's diagnostics per layer."""
 
+  count: Array
   diagnostics: Any
 
 
@@ -101,46 +164,58 @@ def scale_by_lne(
     approx: str = "weak",
     *,
     tau_scale: float | Array = 0.5,
+    metric: str = "rank1",
+    block: str | int = "layer",
+    control: str = "none",
+    control_seed: int = 0,
 ) -> optax.GradientTransformation:
   """Natural gradients in each layer's LNE metric: ``g(w)^-1 d`` (RF-DNN Eq. 27, Algorithm 1).
 
   Apply it to the quantized latent weights' STE gradients (route the other
-  parameters elsewhere, e.g. with ``optax.partition``). Every leaf is one layer
-  with its own metric g = I - t t^T, t = tanh(tau vec(w)).
+  parameters elsewhere, e.g. with ``optax.partition``). Every leaf is one
+  layer with its own metric (block-diagonal over ``block``).
 
   Args:
-    tau: the metric's tau, or ``"auto"``: per layer and step,
-      ``tau_scale / sqrt(n max|w| mean|w|)``, which keeps g diagonally dominant.
-    approx: ``"weak"`` (Eq. 29, the paper's), ``"exact"``, ``"diagonal"``,
-      ``"strong"`` (tiny layers only) or ``"none"`` (plain STE).
-    tau_scale: c of ``tau="auto"`` (c < 1 guarantees dominance).
+    tau: a number (the paper's constant), ``"auto"`` (per block
+      ``tau_scale / sqrt(n max|w| mean|w|)``, which keeps the rank-1 metric
+      diagonally dominant) or ``"std"`` (``tau_scale / std(w)`` per layer).
+    approx: ``"weak"`` (Eq. 29, the paper's), ``"exact"``, ``"strong"`` (tiny
+      blocks only), ``"none"`` (plain STE), or ``"diagonal"`` (alias of
+      ``metric="hessian_diagonal", approx="exact"``).
+    tau_scale: c of ``tau="auto"`` (c < 1 guarantees dominance), kappa of ``"std"``.
+    metric: ``"rank1"`` (I - t t^T, Eq. 16) or ``"hessian_diagonal"``
+      (diag(1 - t^2), the Hessian of Eq. 14's potential).
+    block: ``"layer"``, ``"out_channel"``, ``"kernel"`` or an int (see
+      :mod:`ricci_jax.lne`).
+    control: ``"none"``, ``"match_norm"`` or ``"random_direction"`` (:data:`CONTROLS`).
+    control_seed: the seed of ``"random_direction"``'s directions.
 
   Returns:
     A transformation whose ``update`` requires ``params``.
   """
-  lne.check_approx(approx)
+  metric, approx = _check_options(tau, tau_scale, approx, metric, block, control)
 
   def init_fn(params):
-    _validate_layers(params, tau, tau_scale, approx)
-    return ScaleByLNEState(jax.tree.map(_zero_diagnostics, params))
+    _validate_layers(params, tau, tau_scale, metric, approx, block)
+    return ScaleByLNEState(jnp.zeros((), jnp.int32), jax.tree.map(_zero_diagnostics, params))
 
   def update_fn(updates, state, params=None):
-    del state
     _check_params(params, "scale_by_lne")
-
-    def leaf(d, w):
-      tau_v = lne.resolve_tau(w, tau, tau_scale)
-      nat = lne.natural_gradient(w, d, tau_v, approx)
-      diag = lne.lne_diagnostics(w, d, tau_v, approx, natural=nat)
+    leaves, treedef = jax.tree.flatten(updates)
+    out_u, out_d = [], []
+    for i, (d, w) in enumerate(zip(leaves, _leaves(params, treedef))):
+      tau_v = lne.resolve_tau(w, tau, tau_scale, block)
+      d32 = d.astype(jnp.float32)
+      nat = lne.natural_gradient(w, d32, tau_v, approx, metric=metric, block=block)
+      nat = _apply_control(control, nat, d32, _control_key(control_seed, state.count, i))
+      diag = lne.lne_diagnostics(w, d32, tau_v, approx, metric=metric, block=block, natural=nat)
       z = jnp.zeros((), jnp.float32)
-      return nat, LayerDiagnostics(diag.tau, diag.s, diag.dominant, diag.correction, z,
-                                   jnp.ones((), jnp.float32), z)
-
-    out = jax.tree.map(leaf, updates, params)
-    is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], LayerDiagnostics)  # noqa: E731
-    new_updates = jax.tree.map(lambda p: p[0], out, is_leaf=is_pair)
-    diagnostics = jax.tree.map(lambda p: p[1], out, is_leaf=is_pair)
-    return new_updates, ScaleByLNEState(diagnostics)
+      one = jnp.ones((), jnp.float32)
+      out_u.append(nat.astype(d.dtype))
+      out_d.append(LayerDiagnostics(diag.tau, diag.s, diag.s_max, diag.dominant, diag.correction, z, one, z, z,
+                                    jnp.full((), jnp.inf, jnp.float32), one))
+    return (jax.tree.unflatten(treedef, out_u),
+            ScaleByLNEState(optax.safe_increment(state.count), jax.tree.unflatten(treedef, out_d)))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -151,13 +226,19 @@ class ScaleByRicciFlowState(NamedTuple):
   Attributes:
     count: number of updates so far (int32).
     previous: per layer, the four tentative metric vectors of the last step,
-      shape (4, n), order (k1, k2, j1, j2): the g(t)|s of Eq. 34 (one-step lag).
+      shape (4, n) (blocks one after the other), order (k1, k2, j1, j2): the
+      g(t)|s of Eq. 34 (one-step lag).
     diagnostics: per layer, :class:`LayerDiagnostics` of the last step.
+    history: per layer, N of the last ``median_window`` steps (NaN where not
+      yet filled), for ``epsilon_relative``; one unused NaN otherwise.
+    open_steps: per layer, how many steps the gate let through (int32).
   """
 
   count: Array
   previous: Any
   diagnostics: Any
+  history: Any
+  open_steps: Any
 
 
 def scale_by_ricci_flow(
@@ -173,103 +254,149 @@ def scale_by_ricci_flow(
     normalize: bool = False,
     state_dtype: Any = jnp.float32,
     axis_name: str | None = None,
+    metric: str = "rank1",
+    block: str | int = "layer",
+    rho: float | Array | None = None,
+    epsilon_relative: float | Array | None = None,
+    median_window: int = 100,
+    control: str = "none",
+    control_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """The RF-DNN update under the discrete Ricci flow (Algorithm 2, Eqs. 32-36).
 
   For each layer (leaf) with latent weights W, STE gradient d and the four
   translated gradients g_s (extra argument ``translated_grads``):
 
-  1. tentative metrics t_s = tanh(tau (W - eta g^-1 g_s)) (Eqs. 31-32);
+  1. tentative metrics g|s from t_s = tanh(tau (W - eta g^-1 g_s)) (Eqs. 31-32);
   2. N = ||g(t+1)|k1 - g(t)|k1 + 2 Ric(g(t))||_F^2 (Eq. 35) from the stored
-     g(t)|s (``reading``), in rank-1 form;
+     g(t)|s (``reading``), in the metric the update uses (rank-1 algebra or
+     elementwise for the diagonal metric; summed over blocks);
   3. d' = d + alpha dN/dW, the gradient of Algorithm 2's loss L + alpha N,
      through tanh(tau W) only;
-  4. update = g^-1 d' * 1[N <= epsilon] (Eq. 36).
+  4. update = g^-1 d' * 1[N <= epsilon] (Eq. 36), after ``control``.
 
   Args:
-    tau: the metric's tau, or ``"auto"`` (see :func:`scale_by_lne`).
-    alpha: weight of the regulariser N in the loss.
-    epsilon: the gate's bound on N; ``inf`` keeps the gate open.
+    tau: the metric's tau: a number, ``"auto"`` or ``"std"`` (see :func:`scale_by_lne`).
+    alpha: weight of the regulariser N in the loss (a raw number; see ``rho``).
+    epsilon: the gate's bound on N; ``inf`` keeps the gate open whatever N is.
     approx: the inverse of g (see :func:`scale_by_lne`).
     shifts: the input translations (must match those of ``translated_grads``).
     flow_step: eta, the tentative step size: a number or a schedule of the
       update count (``rf_sgd`` passes its learning rate).
-    tau_scale: c of ``tau="auto"``.
+    tau_scale: c of ``tau="auto"``, kappa of ``tau="std"``.
     reading: which metrics enter Eq. 34: ``"lag"``, ``"current"`` or
       ``"two_step"`` (see :mod:`ricci_jax.ricci_flow`).
     normalize: divide N by the layer size (not in the paper).
     state_dtype: dtype of the stored metric vectors.
     axis_name: under ``pmap``, N and the diagnostics are averaged over it.
+    metric: ``"rank1"`` or ``"hessian_diagonal"`` (see :func:`scale_by_lne`).
+    block: what one metric covers (see :func:`scale_by_lne`).
+    rho: if given, alpha is set per layer and step so that
+      |alpha dN/dW| = rho |d| (``alpha`` is then unused): N's raw scale
+      depends on n, tau and the metric, a ratio does not.
+    epsilon_relative: if given, the gate also closes when N exceeds this
+      multiple of the median of the layer's N over the previous
+      ``median_window`` steps (open while there is no history).
+    median_window: steps in that running median.
+    control: ``"none"``, ``"match_norm"`` or ``"random_direction"`` (:data:`CONTROLS`).
+    control_seed: the seed of ``"random_direction"``'s directions.
 
   Returns:
     A transformation whose ``update(updates, state, params, translated_grads=...)``
     requires ``params`` and the translated gradients (a tree like ``updates``
-    with a leading axis of 4 per leaf, from :func:`ricci_jax.translated_grads`).
+    with a leading axis of 4 per leaf, from :func:`ricci_jax.translated_grads`)
+    whenever there is at least one leaf.
   """
-  lne.check_approx(approx)
+  metric, approx = _check_options(tau, tau_scale, approx, metric, block, control)
   if reading not in ricci_flow.READINGS:
     raise ValueError(f"unknown reading {reading!r}; valid: {', '.join(ricci_flow.READINGS)}")
   if not isinstance(shifts, Shifts):
     raise ValueError(f"shifts must be a ricci_jax.ricci_flow.Shifts, got {shifts!r}")
-  for name, value in (("alpha", alpha), ("epsilon", epsilon)):
-    if _is_concrete(value) and not np.all(np.asarray(value) >= 0):
-      raise ValueError(f"{name} must be >= 0, got {value}")
+  _check_number("alpha", alpha, allow_zero=True)
+  _check_number("epsilon", epsilon, allow_zero=True)
+  _check_number("rho", rho, allow_zero=False)
+  _check_number("epsilon_relative", epsilon_relative, allow_zero=False)
+  if isinstance(median_window, bool) or not isinstance(median_window, int) or median_window < 1:
+    raise ValueError(f"median_window must be a positive int, got {median_window!r}")
+  window = median_window if epsilon_relative is not None else 0
 
   def init_fn(params):
-    _validate_layers(params, tau, tau_scale, approx)
+    _validate_layers(params, tau, tau_scale, metric, approx, block)
 
     def previous(w):
-      return ricci_flow.initial_previous(w, lne.resolve_tau(w, tau, tau_scale)).astype(state_dtype)
+      tau_v = lne.resolve_tau(w, tau, tau_scale, block)
+      return ricci_flow.initial_previous(w, tau_v, block).astype(state_dtype)
 
     return ScaleByRicciFlowState(
         count=jnp.zeros((), jnp.int32),
         previous=jax.tree.map(previous, params),
         diagnostics=jax.tree.map(_zero_diagnostics, params),
+        # one unused entry without epsilon_relative: checkpointers refuse zero-size arrays
+        history=jax.tree.map(lambda _: jnp.full((max(window, 1),), jnp.nan, jnp.float32), params),
+        open_steps=jax.tree.map(lambda _: jnp.zeros((), jnp.int32), params),
     )
 
   def update_fn(updates, state, params=None, *, translated_grads=None, **extra_args):
     del extra_args
+    leaves, treedef = jax.tree.flatten(updates)
+    count = optax.safe_increment(state.count)
+    if not leaves:  # an empty partition group: nothing to precondition, nothing to ask for
+      return updates, state._replace(count=count)
     _check_params(params, "scale_by_ricci_flow")
     if translated_grads is None:
       raise ValueError(
           "scale_by_ricci_flow needs the translated gradients: "
           "update(updates, state, params, translated_grads=ricci_jax.translated_grads(loss_fn, params, batch))")
-    if jax.tree.structure(translated_grads) != jax.tree.structure(updates):
+    if jax.tree.structure(translated_grads) != treedef:
       raise ValueError(
           "translated_grads must have the structure of the updates (one (4, ...) array per leaf); got "
-          f"{jax.tree.structure(translated_grads)} for updates {jax.tree.structure(updates)}")
+          f"{jax.tree.structure(translated_grads)} for updates {treedef}")
     eta = flow_step(state.count) if callable(flow_step) else flow_step
     eta = jnp.asarray(eta, jnp.float32)
-
-    def leaf(d, w, shifted, prev):
+    tiny = jnp.finfo(jnp.float32).tiny
+    outs = []
+    for i, (d, w, shifted, prev, hist, opened) in enumerate(zip(
+        leaves, _leaves(params, treedef), _leaves(translated_grads, treedef), _leaves(state.previous, treedef),
+        _leaves(state.history, treedef), _leaves(state.open_steps, treedef))):
       if shifted.shape != (4,) + d.shape:
         raise ValueError(f"a translated gradient has shape {shifted.shape}; expected {(4,) + d.shape}")
-      tau_v = lne.resolve_tau(w, tau, tau_scale)
+      tau_v = lne.resolve_tau(w, tau, tau_scale, block)
 
-      def n_of(wv):
-        return ricci_flow.residual_norm(
-            wv, shifted, prev.astype(jnp.float32), tau_v, eta, approx, reading, shifts, normalize)
+      def n_of(wv, shifted=shifted, prev=prev, tau_v=tau_v):
+        return ricci_flow.residual_norm(wv, shifted, prev.astype(jnp.float32), tau_v, eta, approx, reading, shifts,
+                                        normalize, metric=metric, block=block)
 
       (residual, store), grad_n = jax.value_and_grad(n_of, has_aux=True)(w.astype(jnp.float32))
       if axis_name is not None:
         residual = jax.lax.pmean(residual, axis_name)
-      penalty = jnp.asarray(alpha, jnp.float32) * grad_n
-      d_total = d.astype(jnp.float32) + penalty
-      nat = lne.natural_gradient(w, d_total, tau_v, approx)
-      gate = (residual <= epsilon).astype(jnp.float32)
-      diag = lne.lne_diagnostics(w, d_total, tau_v, approx, natural=nat)
-      diag = LayerDiagnostics(diag.tau, diag.s, diag.dominant, diag.correction, residual, gate,
-                              lne.relative_norm(penalty, d))
+      d32 = d.astype(jnp.float32)
+      if rho is None:
+        alpha_v = jnp.asarray(alpha, jnp.float32)
+      else:
+        gn = jnp.linalg.norm(grad_n)
+        alpha_v = jnp.where(gn > 0, jnp.asarray(rho, jnp.float32) * jnp.linalg.norm(d32) / jnp.maximum(gn, tiny),
+                            0.0)
+      penalty = alpha_v * grad_n
+      nat = lne.natural_gradient(w, d32 + penalty, tau_v, approx, metric=metric, block=block)
+      nat = _apply_control(control, nat, d32, _control_key(control_seed, state.count, i))
+      eps_v = jnp.asarray(epsilon, jnp.float32)
+      if window:
+        have = jnp.any(jnp.isfinite(hist))
+        median = jnp.nanmedian(jnp.where(have, hist, 0.0))
+        eps_v = jnp.minimum(eps_v, jnp.where(have, jnp.asarray(epsilon_relative, jnp.float32) * median, jnp.inf))
+        hist = hist.at[state.count % window].set(residual)
+      gate = (residual <= eps_v).astype(jnp.float32)
+      opened = opened + gate.astype(jnp.int32)
+      diag = lne.lne_diagnostics(w, d32, tau_v, approx, metric=metric, block=block, natural=nat)
+      diag = LayerDiagnostics(diag.tau, diag.s, diag.s_max, diag.dominant, diag.correction, residual, gate,
+                              lne.relative_norm(penalty, d32), alpha_v, eps_v,
+                              opened.astype(jnp.float32) / count.astype(jnp.float32))
       if axis_name is not None:
         diag = jax.lax.pmean(diag, axis_name)
-      update = (gate * nat).astype(d.dtype)
-      return update, store.astype(state_dtype), diag
-
-    out = jax.tree.map(leaf, updates, params, translated_grads, state.previous)
-    is_triple = lambda x: isinstance(x, tuple) and len(x) == 3 and isinstance(x[2], LayerDiagnostics)  # noqa: E731
-    pick = lambda i: jax.tree.map(lambda t: t[i], out, is_leaf=is_triple)  # noqa: E731
+      outs.append(((gate * nat).astype(d.dtype), store.astype(state_dtype), diag, hist, opened))
+    pick = lambda k: jax.tree.unflatten(treedef, [o[k] for o in outs])  # noqa: E731
     return pick(0), ScaleByRicciFlowState(
-        count=optax.safe_increment(state.count), previous=pick(1), diagnostics=pick(2))
+        count=count, previous=pick(1), diagnostics=pick(2), history=pick(3), open_steps=pick(4))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -300,6 +427,13 @@ def rf_sgd(
     normalize: bool = False,
     weight_decay_mask: Any = None,
     axis_name: str | None = None,
+    metric: str = "rank1",
+    block: str | int = "layer",
+    rho: float | Array | None = None,
+    epsilon_relative: float | Array | None = None,
+    median_window: int = 100,
+    control: str = "none",
+    control_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """The RF-DNN optimizer: Ricci-flow natural gradients for quantized weights, SGD for the rest.
 
@@ -319,7 +453,8 @@ def rf_sgd(
       ``lambda p: ricci_jax.layers.quantized_kernel_mask(p, kernels)``.
       Default: every leaf with ndim >= 2.
     tau, alpha, epsilon, approx, shifts, tau_scale, reading, normalize,
-      axis_name: see :func:`scale_by_ricci_flow`.
+      axis_name, metric, block, rho, epsilon_relative, median_window, control,
+      control_seed: see :func:`scale_by_ricci_flow`.
     flow_step: the tentative step size; defaults to ``learning_rate``.
     weight_decay_mask: which params are decayed (optax convention).
 
@@ -344,7 +479,8 @@ def rf_sgd(
               scale_by_ricci_flow(
                   tau=tau, alpha=alpha, epsilon=epsilon, approx=approx, shifts=shifts,
                   flow_step=flow_step, tau_scale=tau_scale, reading=reading, normalize=normalize,
-                  axis_name=axis_name),
+                  axis_name=axis_name, metric=metric, block=block, rho=rho, epsilon_relative=epsilon_relative,
+                  median_window=median_window, control=control, control_seed=control_seed),
               *tail()),
           "sgd": optax.chain(*tail()),
       },
@@ -387,11 +523,12 @@ def summarize_diagnostics(opt_state: Any) -> dict[str, Array]:
   stacked = jax.tree.map(lambda *x: jnp.stack(x), *diags)
   return {
       "lne/s_mean": jnp.mean(stacked.s),
-      "lne/s_max": jnp.max(stacked.s),
+      "lne/s_max": jnp.max(stacked.s_max),
       "lne/correction_mean": jnp.mean(stacked.correction),
       "lne/dominant_fraction": jnp.mean(stacked.dominant),
       "ricci/residual_mean": jnp.mean(stacked.residual),
       "ricci/residual_max": jnp.max(stacked.residual),
       "ricci/gate_open_fraction": jnp.mean(stacked.gate),
       "ricci/regularizer_mean": jnp.mean(stacked.regularizer),
+      "ricci/alpha_mean": jnp.mean(stacked.alpha),
   }

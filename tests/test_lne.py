@@ -123,7 +123,7 @@ def test_unknown_approximation(bad):
 
 
 def test_bad_tau_string():
-  with pytest.raises(ValueError, match="positive number or 'auto'"):
+  with pytest.raises(ValueError, match="positive number or one of 'auto', 'std'"):
     lne.natural_gradient(jnp.ones(3), jnp.ones(3), "automatic")
 
 
@@ -160,3 +160,141 @@ def test_correction_diagnostic_is_the_relative_size_of_t_t_dot_d():
   dd = np.asarray(d, np.float64).ravel()
   want = np.linalg.norm(t * (t @ dd)) / np.linalg.norm(dd)
   np.testing.assert_allclose(lne.lne_diagnostics(w, d, tau, "weak").correction, want, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# Readings: the Hessian-diagonal metric, blocks, tau modes (issue: RF-DNN's readings).
+# ---------------------------------------------------------------------------
+
+
+def _np_blocks(w, block):
+  """Index lists of each block, written out by loops over the kernel's axes (independent of lne.to_blocks)."""
+  shape = w.shape
+  idx = np.arange(w.size).reshape(shape)
+  if block == "layer":
+    return [idx.ravel()]
+  if block == "out_channel":
+    return [idx[..., o].ravel() for o in range(shape[-1])]
+  if block == "kernel":
+    return [idx[..., i, o].ravel() for i in range(shape[-2]) for o in range(shape[-1])]
+  return [idx.ravel()[k:k + block] for k in range(0, w.size, block)]
+
+
+def _np_natural(w, d, tau_of_block, metric, approx, block):
+  """g^-1 d by dense float64 linear algebra, one block at a time."""
+  w64, d64 = np.asarray(w, np.float64).ravel(), np.asarray(d, np.float64).ravel()
+  out = np.zeros_like(d64)
+  for b, ix in enumerate(_np_blocks(np.asarray(w), block)):
+    t = np.tanh(tau_of_block(b, w64[ix]) * w64[ix])
+    g = np.diag(1 - t**2) if metric == "hessian_diagonal" else np.eye(ix.size) - np.outer(t, t)
+    if approx == "exact":
+      out[ix] = np.linalg.solve(g, d64[ix])
+    else:  # weak: (2I - g) d, i.e. I + t t^T or diag(1 + t^2)
+      out[ix] = (2 * np.eye(ix.size) - g) @ d64[ix]
+  return out.reshape(np.shape(d))
+
+
+@pytest.mark.parametrize("metric", ["rank1", "hessian_diagonal"])
+@pytest.mark.parametrize("approx", ["weak", "exact"])
+@pytest.mark.parametrize("block", ["layer", "out_channel", "kernel", 6])
+def test_every_inverse_and_block_against_dense_float64(metric, approx, block):
+  w, d = _layer(10, shape=(3, 2, 4, 3), scale=0.2)  # s < 1 for every block: the exact inverse applies
+  tau = 0.3
+  got = lne.natural_gradient(w, d, tau, approx, metric=metric, block=block)
+  want = _np_natural(w, d, lambda b, wb: tau, metric, approx, block)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", ["out_channel", "kernel", 4])
+def test_auto_tau_is_per_block_and_keeps_every_block_dominant(block):
+  w, d = _layer(11, shape=(3, 3, 4, 8), scale=0.3)
+  c = 0.9
+
+  def tau_of_block(b, wb):  # Eq. in lne.auto_tau, per block, by hand
+    return c / np.sqrt(wb.size * np.max(np.abs(wb)) * np.mean(np.abs(wb)))
+
+  got = lne.natural_gradient(w, d, "auto", "exact", tau_scale=c, block=block)
+  np.testing.assert_allclose(got, _np_natural(w, d, tau_of_block, "rank1", "exact", block), rtol=2e-5, atol=1e-6)
+  diag = lne.lne_diagnostics(w, d, "auto", "exact", tau_scale=c, block=block)
+  assert float(diag.dominant) == 1.0 and float(diag.s_max) < 1.0
+  blocks = _np_blocks(np.asarray(w), block)
+  s = [np.sum(np.tanh(tau_of_block(0, np.asarray(w).ravel()[ix]) * np.asarray(w).ravel()[ix]) ** 2) for ix in blocks]
+  np.testing.assert_allclose(diag.s, np.mean(s), rtol=1e-4)
+  np.testing.assert_allclose(diag.s_max, np.max(s), rtol=1e-4)
+
+
+def test_std_tau_is_kappa_over_the_layers_std():
+  w, d = _layer(12, shape=(20, 6), scale=0.07)
+  kappa = 1.3
+  tau = kappa / np.std(np.asarray(w, np.float64))
+  np.testing.assert_allclose(lne.resolve_tau(w, "std", kappa), tau, rtol=1e-5)
+  got = lne.natural_gradient(w, d, "std", "weak", tau_scale=kappa, metric="hessian_diagonal")
+  np.testing.assert_allclose(got, (1 + np.tanh(tau * np.asarray(w, np.float64)) ** 2) * np.asarray(d), rtol=1e-5)
+  # scale invariant: the same correction for w and 10 w
+  c1 = lne.lne_diagnostics(w, d, "std", "weak", tau_scale=kappa, metric="hessian_diagonal").correction
+  c10 = lne.lne_diagnostics(10 * w, d, "std", "weak", tau_scale=kappa, metric="hessian_diagonal").correction
+  np.testing.assert_allclose(c1, c10, rtol=1e-5)
+
+
+def test_diagonal_alias_is_the_hessian_metric_with_the_exact_inverse():
+  w, d = _layer(13)
+  np.testing.assert_array_equal(lne.natural_gradient(w, d, 0.7, "diagonal"),
+                                lne.natural_gradient(w, d, 0.7, "exact", metric="hessian_diagonal"))
+  assert lne.resolve_metric("rank1", "diagonal") == ("hessian_diagonal", "exact")
+
+
+def test_dense_metric_of_blocks_and_of_the_diagonal_metric():
+  w, _ = _layer(14, shape=(2, 2, 2, 3), scale=0.5)
+  g = np.asarray(lne.dense_metric(w, 0.4, block="out_channel"), np.float64)
+  # in block order: rows of block o are the weights of output channel o
+  for o, ix in enumerate(_np_blocks(np.asarray(w), "out_channel")):
+    t = np.tanh(0.4 * np.asarray(w, np.float64).ravel()[ix])
+    sl = slice(o * ix.size, (o + 1) * ix.size)
+    np.testing.assert_allclose(g[sl, sl], np.eye(ix.size) - np.outer(t, t), atol=1e-6)
+  np.testing.assert_allclose(np.count_nonzero(g), 3 * 8 * 8)
+  gd = np.asarray(lne.dense_metric(w, 0.4, metric="hessian_diagonal"))
+  np.testing.assert_allclose(gd, np.diag(1 - np.tanh(0.4 * np.asarray(w, np.float64).ravel()) ** 2), atol=1e-6)
+
+
+def test_positive_definiteness_is_needed_only_by_the_rank1_exact_and_strong_inverses():
+  assert lne.needs_positive_definite("rank1", "exact") and lne.needs_positive_definite("rank1", "strong")
+  for metric, approx in [("rank1", "weak"), ("rank1", "none"), ("hessian_diagonal", "weak"),
+                         ("hessian_diagonal", "exact"), ("rank1", "diagonal")]:
+    assert not lne.needs_positive_definite(metric, approx)
+  # the weak inverse I + t t^T is positive definite whatever s is
+  w, d = _layer(15, shape=(30,), scale=2.0)
+  weak = np.asarray(lne.natural_gradient(w, d, 5.0, "weak"), np.float64)
+  assert float(np.dot(weak, np.asarray(d, np.float64))) > 0
+  with pytest.raises(ValueError, match=r"of dense \(block \d of 5, 6 weights each\) is not positive definite"):
+    lne.check_positive_definite(w, 5.0, block=6, name="dense")
+
+
+@pytest.mark.parametrize("metric", ["rank1", "hessian_diagonal"])
+@pytest.mark.parametrize("block", ["layer", "kernel", 5])
+def test_readings_under_jit_vmap_and_bfloat16(metric, block):
+  w, d = _layer(16, shape=(2, 5, 3, 2))
+  f = jax.jit(lambda w, d: lne.natural_gradient(w, d, "std", "weak", tau_scale=1.0, metric=metric, block=block))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    out = f(w.astype(dtype), d.astype(dtype))
+    assert out.shape == d.shape and out.dtype == dtype
+  batched = jax.vmap(f)(w, d)
+  np.testing.assert_allclose(batched[1], f(w[1], d[1]), rtol=1e-5)
+
+
+def test_bad_readings_are_refused_with_what_is_allowed():
+  w, d = _layer(17, shape=(3, 3, 2, 4))
+  with pytest.raises(ValueError, match="unknown metric 'hessian'; valid: rank1, hessian_diagonal"):
+    lne.natural_gradient(w, d, 0.1, metric="hessian")
+  with pytest.raises(ValueError, match="unknown block 'row'; valid: layer, out_channel, kernel or a positive int"):
+    lne.natural_gradient(w, d, 0.1, block="row")
+  with pytest.raises(ValueError, match="block=7 does not divide a kernel of shape"):
+    lne.natural_gradient(w, d, 0.1, block=7)
+  with pytest.raises(ValueError, match="tau='auto' keeps the rank-1 metric"):
+    lne.natural_gradient(w, d, "auto", "weak", metric="hessian_diagonal")
+  with pytest.raises(ValueError, match="approx='strong' fits an MLP"):
+    lne.natural_gradient(w, d, 0.1, "strong", metric="hessian_diagonal")
+  with pytest.raises(ValueError, match="tau must be a positive number"):
+    lne.check_tau(-0.5)
+  big = jnp.ones((5, 5, 4, 2))  # out-channel blocks of 100 weights
+  with pytest.raises(ValueError, match="at most 64 weights.*this block has 100"):
+    lne.natural_gradient(big, big, 0.1, "strong", block="out_channel")

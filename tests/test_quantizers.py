@@ -1,7 +1,5 @@
 """Forwards against their formulas; dtype, jit, vmap and grad; bad input."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -236,3 +236,90 @@ def test_every_reading_has_the_gradient_of_its_dense_residual(reading):
 
   got = jax.grad(lambda w: ricci_flow.residual_norm(w, g4, prev, tau, eta, reading=reading)[0])(w)
   np.testing.assert_allclose(got, jax.grad(dense)(w), rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------
+# The residual in the update's own metric: blocks and the Hessian-diagonal metric.
+# ---------------------------------------------------------------------------
+
+
+def _np_blocks(shape, block):
+  """Flat indices of each block, by loops over the kernel's axes (independent of lne.to_blocks)."""
+  idx = np.arange(int(np.prod(shape))).reshape(shape)
+  if block == "layer":
+    return [idx.ravel()]
+  if block == "out_channel":
+    return [idx[..., o].ravel() for o in range(shape[-1])]
+  return [idx[..., i, o].ravel() for i in range(shape[-2]) for o in range(shape[-1])]  # kernel
+
+
+def _np_n(w, g4, prev, tau, eta, shifts, metric, block):
+  """N of Eq. 35 from dense float64 block metrics; the tentative steps (weak inverse) computed at ``w``."""
+  return _np_n_shifted(w, w, g4, prev, tau, eta, shifts, metric, block)
+
+
+@pytest.mark.parametrize("metric", ["rank1", "hessian_diagonal"])
+@pytest.mark.parametrize("block", ["layer", "out_channel", "kernel"])
+def test_residual_in_the_updates_metric_against_dense_float64(metric, block):
+  shape = (2, 3, 2, 3)
+  w = jax.random.normal(jax.random.key(11), shape) * 0.5
+  g4 = jax.random.normal(jax.random.key(12), (4,) + shape)
+  prev = _vectors(13, 4, w.size)
+  tau, eta, shifts = 0.7, 0.2, Shifts(1, -2, 1, -1)
+  n, grad = jax.value_and_grad(lambda w: ricci_flow.residual_norm(
+      w, g4, prev, jnp.float32(tau), jnp.float32(eta), shifts=shifts, metric=metric, block=block)[0])(w)
+  np.testing.assert_allclose(n, _np_n(w, g4, prev, tau, eta, shifts, metric, block), rtol=1e-4)
+  # the gradient through tanh(tau w), the tentative steps held at their value: central differences in float64
+  steps_fixed = np.asarray(w, np.float64)
+  rng = np.random.default_rng(0)
+  for i in rng.choice(w.size, 6, replace=False):
+    e = np.zeros(w.size)
+    e[i] = 1e-6
+
+    def n_at(delta):
+      # shift w but keep the tentative step eta * g^-1 g_k1 computed at the original w
+      wp = (steps_fixed.ravel() + delta).reshape(shape)
+      return _np_n_shifted(wp, steps_fixed, g4, prev, tau, eta, shifts, metric, block)
+
+    fd = (n_at(e) - n_at(-e)) / 2e-6
+    np.testing.assert_allclose(np.asarray(grad).ravel()[i], fd, rtol=2e-3, atol=1e-6)
+
+
+def _np_n_shifted(w, w0, g4, prev, tau, eta, shifts, metric, block):
+  """_np_n at weights ``w`` with the tentative steps of ``w0`` (what stop_gradient means)."""
+  w, w0, g4, prev = (np.asarray(x, np.float64) for x in (w, w0, g4, prev))
+  total, offset = 0.0, 0
+  for ix in _np_blocks(w.shape, block):
+    m = ix.size
+    gm = lambda u: np.eye(m) - (np.diag(u**2) if metric == "hessian_diagonal" else np.outer(u, u))  # noqa: E731
+    t0 = np.tanh(tau * w0.ravel()[ix])
+    step = eta * (2 * np.eye(m) - gm(t0)) @ g4[0].ravel()[ix]
+    a = np.tanh(tau * (w.ravel()[ix] - step))
+    u = prev[:, offset:offset + m]
+    offset += m
+    ricci = (gm(u[0]) - gm(u[1])) / shifts.dk - (gm(u[2]) - gm(u[3])) / shifts.dj
+    total += np.sum((gm(a) - gm(u[0]) - ricci) ** 2)
+  return total
+
+
+def test_initial_previous_and_the_stored_vectors_follow_the_block_order():
+  w = jax.random.normal(jax.random.key(14), (3, 3, 2, 4)) * 0.3
+  prev = ricci_flow.initial_previous(w, jnp.float32(0.5), "out_channel")
+  want = np.concatenate([np.tanh(0.5 * np.asarray(w)[..., o].ravel()) for o in range(4)])
+  np.testing.assert_allclose(prev[2], want, rtol=1e-6)
+  g4 = jnp.zeros((4,) + w.shape)  # no tentative step: every stored vector is the current metric's
+  _, store = ricci_flow.residual_norm(w, g4, prev, jnp.float32(0.5), jnp.float32(0.1), block="out_channel")
+  np.testing.assert_allclose(store, prev, rtol=1e-6)
+
+
+def test_diagonal_residual_keeps_its_digits_when_the_metrics_barely_move():
+  w = jax.random.normal(jax.random.key(15), (4000,)) * 0.5
+  t = np.tanh(np.asarray(w, np.float64))
+  prev = np.stack([t + 1e-5 * k for k in range(1, 5)])
+  a = t + 3e-5
+  got = ricci_flow.residual_squared_norm(jnp.asarray(a, jnp.float32), jnp.asarray(prev, jnp.float32),
+                                         metric="hessian_diagonal")
+  c = np.array([-1.0, 1.5, -0.5, -0.5, 0.5])
+  vec = np.stack([a, *prev])
+  want = np.sum((c @ (vec**2)) ** 2)
+  np.testing.assert_allclose(got, want, rtol=2e-2)

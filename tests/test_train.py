@@ -50,7 +50,8 @@ def test_trains_well_above_chance_on_real_fashion_mnist(tmp_path, method):
   if method == "rfdnn":
     diags = [json.loads(x) for x in (tmp_path / "diagnostics.jsonl").read_text().splitlines()]
     layer = diags[-1]["layers"]["conv1/kernel"]
-    assert 0 < layer["s"] < 1 and layer["dominant"] == 1.0 and layer["gate"] == 1.0
+    assert 0 < layer["s"] < 1 and layer["dominant"] == 1.0
+    assert layer["epsilon"] == "inf" and layer["gate_open_fraction"] == 1.0  # a setting: this gate cannot close
     assert (tmp_path / "diagnostics.png").stat().st_size > 10_000
     assert "ricci/residual_mean" in metrics[-1]
 
@@ -125,6 +126,15 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_pa
     ("rfdnn.fraction=0", "fraction must be in"),
     ("batch_size=0", "batch_size must be a positive integer"),
     ("epochs=2.5", "expects a int"),
+    ("rfdnn.metric=fisher", "unknown metric 'fisher'; valid: rank1, hessian_diagonal"),
+    ("rfdnn.block=rows", "rfdnn.block: unknown block 'rows'; valid: layer, out_channel, kernel"),
+    ("rfdnn.tau=median", "rfdnn.tau must be a positive number or one of auto, std"),
+    ("rfdnn.tau=-1", "tau must be a positive number"),
+    ("rfdnn.approx=diagonal", "tau='auto' keeps the rank-1 metric"),
+    ("rfdnn.rho=0.0", "rfdnn.rho must be a positive number or None"),
+    ("rfdnn.epsilon_relative=-2.0", "rfdnn.epsilon_relative must be a positive number or None"),
+    ("rfdnn.median_window=0", "rfdnn.median_window must be a positive integer"),
+    ("rfdnn.control=shuffle", "unknown RF-DNN control 'shuffle'; valid: none, match_norm, random_direction"),
 ])
 def test_bad_config_is_rejected_before_training(tmp_path, override, match):
   config = _small()
@@ -181,3 +191,95 @@ def test_two_devices_give_the_result_of_one(tmp_path):
       np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=name)
     for x, y in zip(jax.tree.leaves(ref["batch_stats"]), jax.tree.leaves(other["batch_stats"])):
       np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_a_block_that_does_not_divide_a_kernel_fails_before_training(tmp_path):
+  config = _small("rfdnn", model="lenet5", **{"rfdnn.block": "7"})
+  with pytest.raises(ValueError, match=r"conv1.*block=7 does not divide a kernel of shape \(5, 5, 6, 16\)"):
+    train.train(config, tmp_path)
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def _program_and_batch(config):
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from ricci_jax import layers  # noqa: PLC0415
+
+  model = train.build_model(config, 10)
+  x = jnp.zeros((1, 28, 28, 1))
+  variables = model.init(jax.random.key(config.seed), x, train=False)
+  mask = layers.quantized_kernel_mask(variables["params"], layers.quantized_kernels(model, x, train=False))
+  program, state = train.build_program(config, model, variables, mask, steps_per_epoch=10)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8),
+           "label": rng.integers(0, 10, 64).astype(np.int32), "mask": np.ones(64, bool)}
+  return model, mask, program, state, batch
+
+
+def test_the_programs_rfdnn_step_is_a_hand_written_rf_sgd_step():
+  import functools  # noqa: PLC0415
+
+  import jax.numpy as jnp  # noqa: PLC0415
+  import optax  # noqa: PLC0415
+
+  import ricci_jax as rj  # noqa: PLC0415
+  from ricci_jax import data  # noqa: PLC0415
+
+  config = _small("rfdnn_hessian", model="lenet5", **{"dataset.augment": "none", "rfdnn.rho": 0.5})
+  model, mask, program, state, batch = _program_and_batch(config)
+  new_state, _ = jax.jit(functools.partial(train.train_step, program))(state, batch)
+
+  params = state.params
+  images = data.preprocess("fashion_mnist", jnp.asarray(batch["image"]))
+  labels = jnp.asarray(batch["label"])
+
+  def loss(p, imgs, lab):
+    logits, _ = model.apply({"params": p, "batch_stats": state.batch_stats, "quant": state.quant}, imgs,
+                            train=True, mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, lab).mean()
+
+  grads = jax.grad(loss)(params, images, labels)
+  sub_images, sub_labels = np.asarray(images)[::8], labels[::8]  # rfdnn.fraction = 1/8, strided
+  moved = [np.roll(sub_images, 1, axis=1), np.roll(sub_images, -1, axis=1),  # k1 = +1, k2 = -1 (rows)
+           np.roll(sub_images, 1, axis=2), np.roll(sub_images, -1, axis=2)]  # j1 = +1, j2 = -1 (columns)
+  per_shift = [jax.grad(loss)(params, jnp.asarray(m), sub_labels) for m in moved]
+  translated = jax.tree.map(lambda *g: jnp.stack(g), *per_shift)
+
+  def by_hand(shifted):
+    tx = rj.rf_sgd(0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, quantized=mask, tau="std",
+                   tau_scale=1.0, metric="hessian_diagonal", rho=0.5, control_seed=config.seed)
+    updates, _ = tx.update(grads, tx.init(params), params, translated_grads=shifted)
+    return optax.apply_updates(params, updates)
+
+  want = by_hand(translated)
+  for got, ref in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(want)):
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-7)
+  # the translated gradients matter: with zeros in their place the step is measurably different
+  zero = by_hand(jax.tree.map(jnp.zeros_like, translated))
+  kernel = lambda p: np.asarray(p["dense1"]["kernel"])  # noqa: E731
+  gap = np.abs(kernel(zero) - kernel(want)).max()
+  assert gap > 100 * np.abs(kernel(new_state.params) - kernel(want)).max() and gap > 1e-6
+
+
+@needs_fashion
+def test_a_gate_that_closes_freezes_the_quantized_kernels(tmp_path):
+  config = _small("rfdnn", model="lenet5", stop_after_steps=6, log_every_steps=2, **{
+      "rfdnn.epsilon": 1e-30, "optimizer.weight_decay": 0.0})
+  train.train(config, tmp_path)
+  first, last = train.load_checkpoint(tmp_path, 0), train.load_checkpoint(tmp_path)
+  assert int(last["step"]) == 6
+  for name in ("conv1", "dense1", "dense2"):
+    np.testing.assert_array_equal(first["params"][name]["kernel"], last["params"][name]["kernel"])
+  assert not np.array_equal(first["params"]["head"]["kernel"], last["params"]["head"]["kernel"])
+  diags = [json.loads(x) for x in (tmp_path / "diagnostics.jsonl").read_text().splitlines()]
+  for record in diags:
+    for layer in record["layers"].values():
+      assert layer["gate"] == 0.0 and layer["gate_open_fraction"] == 0.0 and layer["residual"] > 1e-30
+
+
+@needs_fashion
+def test_runs_record_the_commit_and_whether_the_tree_was_dirty(tmp_path):
+  summary = train.train(_small("clipped_ste", stop_after_steps=2), tmp_path)
+  head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+  assert summary["source"]["commit"] == head and isinstance(summary["source"]["dirty"], bool)
+  assert json.loads((tmp_path / "results.json").read_text())["source"] == summary["source"]

@@ -38,17 +38,18 @@ def _kernels(tree):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("approx", ["weak", "exact", "diagonal", "none"])
-def test_scale_by_lne_is_the_natural_gradient_per_layer(approx):
+@pytest.mark.parametrize("approx,tau", [("weak", "auto"), ("exact", "auto"), ("diagonal", 2.0), ("none", "auto")])
+def test_scale_by_lne_is_the_natural_gradient_per_layer(approx, tau):
   params, grads, _ = _problem()
   params, grads = _kernels(params), _kernels(grads)
-  tx = rj.scale_by_lne(tau="auto", approx=approx)
+  tx = rj.scale_by_lne(tau=tau, approx=approx)
   updates, state = tx.update(grads, tx.init(params), params)
   for key in ("conv", "dense"):
     w, d = params[key]["kernel"], grads[key]["kernel"]
-    np.testing.assert_allclose(updates[key]["kernel"], lne.natural_gradient(w, d, "auto", approx), rtol=1e-6)
+    np.testing.assert_allclose(updates[key]["kernel"], lne.natural_gradient(w, d, tau, approx), rtol=1e-6)
     diag = state.diagnostics[key]["kernel"]
-    np.testing.assert_allclose(diag.s, jnp.sum(lne.metric_vector(w, lne.auto_tau(w)) ** 2), rtol=1e-5)
+    tau_v = lne.auto_tau(w) if tau == "auto" else tau
+    np.testing.assert_allclose(diag.s, np.sum(np.tanh(tau_v * np.asarray(w, np.float64)) ** 2), rtol=1e-5)
   with pytest.raises(ValueError, match="needs the current params"):
     tx.update(grads, tx.init(params))
 
@@ -142,7 +143,7 @@ def test_bad_input_is_rejected_with_a_message():
   with pytest.raises(ValueError, match="needs the current params"):
     tx.update(grads, state, None, translated_grads=shifted)
   with pytest.raises(ValueError, match="not positive definite"):
-    rj.scale_by_ricci_flow(tau=5.0).init(params)
+    rj.scale_by_ricci_flow(tau=5.0, approx="exact").init(params)
   with pytest.raises(ValueError, match="at most 64 weights"):
     rj.scale_by_lne(approx="strong").init(params)
   with pytest.raises(ValueError, match="valid: lag"):
@@ -242,7 +243,7 @@ def test_contract_inject_hyperparams():
   params, grads, shifted = _problem()
   kwargs = dict(learning_rate=0.1, momentum=0.9, weight_decay=5e-4, alpha=3.0, quantized=KERNELS_ONLY)
   static = ("quantized", "tau", "approx", "shifts", "reading", "nesterov", "normalize", "flow_step",
-            "weight_decay_mask", "axis_name", "epsilon")
+            "weight_decay_mask", "axis_name", "epsilon", "median_window")
   plain = rj.rf_sgd(**kwargs)
   injected = optax.inject_hyperparams(rj.rf_sgd, static_args=static)(**kwargs)
   s1, s2 = jax.jit(plain.init)(params), jax.jit(injected.init)(params)
@@ -352,3 +353,174 @@ def test_binarized_mlp_trains_with_rf_sgd_on_real_fashion_mnist():
   assert accuracy > 0.7, accuracy  # chance is 0.1
   diag = transform.layer_diagnostics(state)["hidden/kernel"]
   assert float(diag.residual) > 0 and float(diag.gate) == 1.0 and 0 < float(diag.s) < 1
+
+
+# ---------------------------------------------------------------------------
+# Readings, the regulariser as a ratio, the relative gate, controls.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rho", [0.1, 0.3])
+def test_rho_sets_alpha_so_the_regulariser_is_that_share_of_the_gradient(rho):
+  params, grads, shifted = map(_kernels, _problem())
+  kw = dict(tau="std", tau_scale=1.0, metric="hessian_diagonal", flow_step=0.3)
+  tx = rj.scale_by_ricci_flow(rho=rho, **kw)
+  updates, state = tx.update(grads, tx.init(params), params, translated_grads=shifted)
+  probe = rj.scale_by_ricci_flow(alpha=0.0, **kw)
+  st0 = probe.init(params)
+  for key in ("conv", "dense"):
+    w, d, s4 = params[key]["kernel"], grads[key]["kernel"], shifted[key]["kernel"]
+    diag = state.diagnostics[key]["kernel"]
+    np.testing.assert_allclose(diag.regularizer, rho, rtol=1e-5)
+    tau = lne.std_tau(w, 1.0)
+    grad_n = jax.grad(lambda w: ricci_flow.residual_norm(
+        w, s4, st0.previous[key]["kernel"], tau, jnp.float32(0.3), metric="hessian_diagonal")[0])(w)
+    alpha = rho * np.linalg.norm(d) / np.linalg.norm(grad_n)
+    np.testing.assert_allclose(diag.alpha, alpha, rtol=1e-4)
+    t = np.tanh(np.asarray(tau) * np.asarray(w, np.float64))
+    want = (1 + t**2) * (np.asarray(d, np.float64) + alpha * np.asarray(grad_n, np.float64))
+    np.testing.assert_allclose(updates[key]["kernel"], want, rtol=1e-4, atol=1e-6)
+
+
+def _steps_with_residuals(tx, params, grads, shifted_seq):
+  state = tx.init(params)
+  out = []
+  for shifted in shifted_seq:
+    _, state = tx.update(grads, state, params, translated_grads=shifted)
+    out.append(state)
+  return out
+
+
+def test_relative_gate_closes_when_n_exceeds_a_multiple_of_its_running_median():
+  params, grads, shifted = map(_kernels, _problem())
+  # translated gradients of varying size make N vary from step to step; two large ones close the gate
+  scales = [1.0, 0.5, 1.5, 1.0, 8.0, 0.7, 1.2, 10.0, 0.9]
+  seq = [jax.tree.map(lambda x, f=f: x * f, shifted) for f in scales]
+  kw = dict(alpha=0.0, reading="current", flow_step=0.5)
+  free = _steps_with_residuals(rj.scale_by_ricci_flow(**kw), params, grads, seq)
+  window, mult = 3, 2.0
+  gated = _steps_with_residuals(
+      rj.scale_by_ricci_flow(epsilon_relative=mult, median_window=window, **kw), params, grads, seq)
+  for key in ("conv", "dense"):
+    ns = [float(s.diagnostics[key]["kernel"].residual) for s in free]
+    want_gate = [1.0] + [float(ns[i] <= mult * np.median(ns[max(0, i - window):i])) for i in range(1, len(ns))]
+    got_gate = [float(s.diagnostics[key]["kernel"].gate) for s in gated]
+    assert got_gate == want_gate, (key, ns)
+    assert 0 < sum(want_gate) < len(want_gate)  # the gate both opened and closed
+    np.testing.assert_allclose(float(gated[-1].diagnostics[key]["kernel"].gate_open_fraction),
+                               np.mean(want_gate), rtol=1e-6)
+    np.testing.assert_allclose(float(gated[-1].diagnostics[key]["kernel"].epsilon),
+                               mult * np.median(ns[-1 - window:-1]), rtol=1e-5)
+
+
+def test_absolute_gate_open_fraction_counts_the_open_steps():
+  params, grads, shifted = map(_kernels, _problem())
+  probe = _steps_with_residuals(rj.scale_by_ricci_flow(alpha=0.0), params, grads, [shifted])[0]
+  n = float(probe.diagnostics["conv"]["kernel"].residual)
+  tx = rj.scale_by_ricci_flow(alpha=0.0, epsilon=n * 1.0001, reading="current")
+  seq = [shifted, jax.tree.map(lambda x: 5 * x, shifted), shifted]
+  states = _steps_with_residuals(tx, params, grads, seq)
+  gates = [float(s.diagnostics["conv"]["kernel"].gate) for s in states]
+  assert gates == [1.0, 0.0, 1.0]
+  np.testing.assert_allclose(float(states[-1].diagnostics["conv"]["kernel"].gate_open_fraction), 2 / 3)
+
+
+def test_match_norm_keeps_the_direction_and_takes_the_ste_norm():
+  params, grads, _ = map(_kernels, _problem())
+  kw = dict(tau="std", tau_scale=1.0, metric="hessian_diagonal")
+  plain, matched = rj.scale_by_lne(**kw), rj.scale_by_lne(control="match_norm", **kw)
+  u, _ = plain.update(grads, plain.init(params), params)
+  m, state = matched.update(grads, matched.init(params), params)
+  for key in ("conv", "dense"):
+    a, b, d = (np.asarray(x[key]["kernel"], np.float64) for x in (u, m, grads))
+    np.testing.assert_allclose(np.linalg.norm(b), np.linalg.norm(d), rtol=1e-5)
+    np.testing.assert_allclose(b / np.linalg.norm(b), a / np.linalg.norm(a), atol=1e-6)
+    assert np.linalg.norm(a) > 1.05 * np.linalg.norm(d)  # the reading's step is longer than STE's
+
+
+def test_random_direction_null_has_the_readings_correction_size_and_a_fresh_direction():
+  params, grads, shifted = map(_kernels, _problem())
+  kw = dict(tau="std", tau_scale=1.0, metric="hessian_diagonal", rho=0.01)
+  reading = rj.scale_by_ricci_flow(**kw)
+  null = rj.scale_by_ricci_flow(control="random_direction", control_seed=3, **kw)
+  u, _ = reading.update(grads, reading.init(params), params, translated_grads=shifted)
+  st = null.init(params)
+  z1, st = null.update(grads, st, params, translated_grads=shifted)
+  z2, st = null.update(grads, st, params, translated_grads=shifted)
+  again, _ = null.update(grads, null.init(params), params, translated_grads=shifted)
+  for key in ("conv", "dense"):
+    d = np.asarray(grads[key]["kernel"], np.float64).ravel()
+    c_reading = np.asarray(u[key]["kernel"], np.float64).ravel() - d
+    c1 = np.asarray(z1[key]["kernel"], np.float64).ravel() - d
+    c2 = np.asarray(z2[key]["kernel"], np.float64).ravel() - d
+    np.testing.assert_allclose(np.linalg.norm(c1), np.linalg.norm(c_reading), rtol=1e-4)
+    cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)  # noqa: E731
+    assert abs(cos(c1, c_reading)) < 0.5 and abs(cos(c1, c2)) < 0.5  # random, and new at every step
+    np.testing.assert_array_equal(again[key]["kernel"], z1[key]["kernel"])  # reproducible from the seed and step
+    np.testing.assert_allclose(float(st.diagnostics[key]["kernel"].correction),
+                               np.linalg.norm(c2) / np.linalg.norm(d), rtol=1e-4)
+
+
+def test_weak_and_diagonal_readings_accept_any_tau_exact_rank1_refuses_an_indefinite_metric():
+  params, grads, shifted = map(_kernels, _problem())
+  for kw in (dict(tau=5.0), dict(tau=5.0, metric="hessian_diagonal"), dict(tau=5.0, approx="diagonal"),
+             dict(tau=50.0, metric="hessian_diagonal", approx="exact")):
+    tx = rj.scale_by_ricci_flow(**kw)
+    updates, _ = tx.update(grads, tx.init(params), params, translated_grads=shifted)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(updates))
+    rj.scale_by_lne(**{k: v for k, v in kw.items()}).init(params)
+    rj.rf_sgd(0.1, **kw).init(params)
+  with pytest.raises(ValueError, match=r"\['conv'\]\['kernel'\].*not positive definite"):
+    rj.rf_sgd(0.1, tau=5.0, approx="exact").init(params)
+  with pytest.raises(ValueError, match="not positive definite"):
+    rj.scale_by_lne(tau=5.0, approx="exact", block="out_channel").init(params)
+
+
+@pytest.mark.parametrize("block", ["out_channel", "kernel"])
+def test_blocks_in_the_transform_are_the_per_block_natural_gradient(block):
+  params, grads, shifted = map(_kernels, _problem())
+  tx = rj.scale_by_ricci_flow(alpha=0.0, approx="exact", tau_scale=0.9, block=block)
+  updates, state = tx.update(grads, tx.init(params), params, translated_grads=shifted)
+  for key in ("conv", "dense"):
+    w, d = params[key]["kernel"], grads[key]["kernel"]
+    np.testing.assert_allclose(updates[key]["kernel"],
+                               lne.natural_gradient(w, d, "auto", "exact", tau_scale=0.9, block=block), rtol=1e-6)
+    assert float(state.diagnostics[key]["kernel"].dominant) == 1.0
+
+
+def test_rf_sgd_with_no_quantized_leaf_needs_no_translated_gradients():
+  params, grads, _ = _problem()
+  none = jax.tree.map(lambda _: False, params)
+  tx = rj.rf_sgd(0.1, quantized=none)
+  u1, _ = tx.update(grads, tx.init(params), params)
+  u2, _ = _sgd(0.1).update(grads, _sgd(0.1).init(params), params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u1, u2)
+  jax.jit(tx.update)(grads, tx.init(params), params)
+
+
+def test_bad_readings_and_knobs_fail_at_construction():
+  with pytest.raises(ValueError, match="unknown metric"):
+    rj.scale_by_ricci_flow(metric="fisher")
+  with pytest.raises(ValueError, match="unknown block"):
+    rj.rf_sgd(0.1, block="rows")
+  with pytest.raises(ValueError, match="tau must be a positive number or one of 'auto', 'std'"):
+    rj.scale_by_lne(tau="median")
+  with pytest.raises(ValueError, match="tau='auto' keeps the rank-1 metric"):
+    rj.rf_sgd(0.1, approx="diagonal")
+  with pytest.raises(ValueError, match="rho must be > 0"):
+    rj.scale_by_ricci_flow(rho=0.0)
+  with pytest.raises(ValueError, match="rho must be > 0"):
+    rj.rf_sgd(0.1, rho=-0.1)
+  with pytest.raises(ValueError, match="epsilon_relative must be > 0"):
+    rj.scale_by_ricci_flow(epsilon_relative=0.0)
+  with pytest.raises(ValueError, match="median_window must be a positive int"):
+    rj.scale_by_ricci_flow(epsilon_relative=2.0, median_window=0)
+  with pytest.raises(ValueError, match="unknown control 'shuffle'; valid: none, match_norm, random_direction"):
+    rj.scale_by_lne(control="shuffle")
+  with pytest.raises(ValueError, match="tau_scale must be > 0"):
+    rj.scale_by_lne(tau_scale=0.0)
+  params, _, _ = map(_kernels, _problem())
+  with pytest.raises(ValueError, match=r"\['conv'\]\['kernel'\]: block=5 does not divide"):
+    rj.scale_by_ricci_flow(block=5).init(params)
+  with pytest.raises(ValueError, match="blocks of at most 64 weights"):
+    rj.scale_by_lne(approx="strong", block="out_channel").init({"k": jnp.ones((9, 9, 1, 2))})
