@@ -331,6 +331,8 @@ def analyse(records: list[dict], plan: Plan) -> dict:
     arms[arm] = {"per_seed": values, "mean": float(np.mean(values)), "std_of_seeds": float(np.std(values, ddof=1)),
                  "within_run_std": float(np.mean(within)),
                  "vs_control": statistics.paired_difference(values, control) if arm != CONTROL_ARM else None,
+                 "spread_vs_control": (statistics.paired_variance_test(values, control)
+                                       if arm != CONTROL_ARM and len(values) >= 3 else None),
                  "flip_rate": float(np.mean([np.mean(r["flip_rate_per_epoch"]) for r in runs])),
                  "latent": _mean_over_runs([r["latent"] for r in runs]),
                  "diagnostics": _mean_over_runs([r["diagnostics"] for r in runs]),
@@ -422,6 +424,13 @@ def render(records: list[dict], plan: Plan, determinism: dict | None, command: s
   lines.append(reporting.markdown_table(
       ["arm", "lr", "accuracy %", "std of seeds", "within-run std", "minus clipped STE (95% CI)", "wins",
        "p", "p (Holm)", "p (sign-flip)"], rows))
+  lines += ["## Spread across seeds (the paper's stability claim)", "",
+            "The paper reads RF-DNN's smaller standard deviation over seeds as evidence that the metric perturbation "
+            "is damped. Ratio: each arm's standard deviation of the seed statistics over clipped STE's; p: "
+            "Pitman-Morgan test of equal variances for paired samples.", ""]
+  rows = [[arm, _pct(arms[arm]["std_of_seeds"]), f"{v['ratio']:.2f}", _p(v["p"])]
+          for arm in plan.arms if (v := arms[arm]["spread_vs_control"])]
+  lines.append(reporting.markdown_table(["arm", "std of seeds (points)", "ratio to clipped STE", "p"], rows))
   lines += ["## Readings against the null control", "",
             f"The null (`{NULL_ARM}`) is clipped STE plus, in every layer and step, a random direction whose norm is "
             "that of `rfdnn_hessian`'s correction. A reading beats it when its paired mean difference is positive "

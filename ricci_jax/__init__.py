@@ -15,6 +15,7 @@ from ricci_jax import (
     quantizers,
     ricci_flow,
     schedules,
+    statistics,
     transform,
 )
 from ricci_jax.config import QuantConfig, TensorQuant
@@ -72,6 +73,7 @@ __all__ = [
     "schedules",
     "set_quant_hparams",
     "staircase_relu",
+    "statistics",
     "summary",
     "transform",
     "translated_grads",

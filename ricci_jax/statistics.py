@@ -9,6 +9,8 @@ noise floor with duplicate runs.
 
 * :func:`paired_difference`: mean, standard error, 95% interval, the paired
   t-test and an exact sign-flip permutation test of per-seed differences.
+* :func:`paired_variance_test`: whether two paired samples have the same spread
+  (Pitman-Morgan), for claims that a method is "more stable" across seeds.
 * :func:`holm`: Holm's step-down adjustment of several p-values (a family of
   comparisons against one control).
 """
@@ -75,6 +77,30 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
   out.update(std=std, se=float(se), ci95=[float(d.mean() - half), float(d.mean() + half)], t=t, p=p,
              p_sign_flip=sign_flip_pvalue(d))
   return out
+
+
+def paired_variance_test(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+  """Pitman-Morgan test of var(a) = var(b) for paired samples (same seeds).
+
+  var(a) - var(b) = cov(a + b, a - b), so equal spreads mean zero correlation
+  between the pairs' sums and differences; the test is Pearson's r of those
+  with a t statistic on n - 2 degrees of freedom. Pairing matters: the seeds'
+  shared luck makes the two samples correlated, which an unpaired F-test ignores.
+
+  Returns:
+    ``ratio`` (std(a) / std(b), ddof 1), ``r``, ``t``, ``p`` (two-sided), ``n``.
+  """
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape or a.ndim != 1 or a.size < 3:
+    raise ValueError(f"paired_variance_test needs two equal-length 1-D sequences of 3 or more, got {a.shape}, {b.shape}")
+  n = a.size
+  s, d = a + b, a - b
+  ratio = float(a.std(ddof=1) / b.std(ddof=1)) if b.std() > 0 else float("inf")
+  if s.std() == 0 or d.std() == 0:
+    return {"ratio": ratio, "r": float("nan"), "t": float("nan"), "p": float("nan"), "n": int(n)}
+  r = float(np.corrcoef(s, d)[0, 1])
+  t = r * np.sqrt((n - 2) / max(1.0 - r * r, 1e-300))
+  return {"ratio": ratio, "r": r, "t": float(t), "p": float(2.0 * scipy.stats.t.sf(abs(t), n - 2)), "n": int(n)}
 
 
 def holm(pvalues: Mapping[str, float]) -> dict[str, float]:

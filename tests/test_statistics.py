@@ -65,3 +65,21 @@ def test_holm_by_hand():
   assert out == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
   capped = statistics.holm({"a": 0.5, "b": 0.6, "n": float("nan")})
   assert capped["a"] == pytest.approx(1.0) and capped["b"] == pytest.approx(1.0) and math.isnan(capped["n"])
+
+
+def test_paired_variance_test_by_hand():
+  a, b = [1.0, 3.0, 2.0, 6.0], [1.0, 2.0, 2.0, 3.0]
+  # sums (2, 5, 4, 9), differences (0, 1, 0, 3): Pearson r by hand
+  s, d = np.array([2.0, 5.0, 4.0, 9.0]), np.array([0.0, 1.0, 0.0, 3.0])
+  r = np.sum((s - 5) * (d - 1)) / math.sqrt(np.sum((s - 5) ** 2) * np.sum((d - 1) ** 2))  # 12 / sqrt(26 * 6)
+  out = statistics.paired_variance_test(a, b)
+  assert out["r"] == pytest.approx(12 / math.sqrt(156)) and out["r"] == pytest.approx(r)
+  t = r * math.sqrt(2 / (1 - r * r))
+  assert out["t"] == pytest.approx(t)
+  assert out["p"] == pytest.approx(2 * (1 - (0.5 + t / (2 * math.sqrt(2 + t * t)))))  # t with 2 d.o.f., closed form
+  assert out["ratio"] == pytest.approx(np.std(a, ddof=1) / np.std(b, ddof=1))
+  # var(a) - var(b) = cov(a + b, a - b): equal spreads give r = 0
+  same = statistics.paired_variance_test([1.0, 2.0, 3.0, 4.0], [2.0, 1.0, 4.0, 3.0])
+  assert same["r"] == pytest.approx(0.0, abs=1e-12) and same["ratio"] == pytest.approx(1.0)
+  with pytest.raises(ValueError, match="3 or more"):
+    statistics.paired_variance_test([1.0, 2.0], [1.0, 2.0])
