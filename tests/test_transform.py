@@ -524,3 +524,31 @@ def test_bad_readings_and_knobs_fail_at_construction():
     rj.scale_by_ricci_flow(block=5).init(params)
   with pytest.raises(ValueError, match="blocks of at most 64 weights"):
     rj.scale_by_lne(approx="strong", block="out_channel").init({"k": jnp.ones((9, 9, 1, 2))})
+
+
+def test_the_readings_numbers_are_traced_hyperparameters():
+  params, grads, shifted = _problem()
+  kwargs = dict(learning_rate=0.1, quantized=KERNELS_ONLY, metric="hessian_diagonal", tau="std", tau_scale=1.0,
+                rho=0.1, epsilon_relative=2.0)
+  static = ("quantized", "metric", "tau", "median_window", "control")
+  plain = rj.rf_sgd(**kwargs)
+  injected = optax.inject_hyperparams(rj.rf_sgd, static_args=static)(**kwargs)
+  assert {"tau_scale", "rho", "epsilon_relative", "alpha"} <= set(injected.init(params).hyperparams)
+  traces = []
+
+  @jax.jit
+  def step(state):
+    traces.append(None)
+    return injected.update(grads, state, params, translated_grads=shifted)
+
+  u1, s1 = step(injected.init(params))
+  want, _ = plain.update(grads, plain.init(params), params, translated_grads=shifted)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), u1, want)
+  diag = transform.layer_diagnostics(s1)["conv/kernel"]
+  np.testing.assert_allclose(diag.regularizer, 0.1, rtol=1e-5)
+  s1.hyperparams["rho"] = jnp.asarray(0.3, jnp.float32)  # the dtype the state holds: no retrace
+  s1.hyperparams["tau_scale"] = jnp.asarray(2.0, jnp.float32)
+  u2, s2 = step(s1)
+  assert len(traces) == 1  # new values, no recompilation
+  np.testing.assert_allclose(transform.layer_diagnostics(s2)["conv/kernel"].regularizer, 0.3, rtol=1e-5)
+  assert not np.allclose(u2["conv"]["kernel"], u1["conv"]["kernel"])
