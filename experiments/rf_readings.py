@@ -14,6 +14,9 @@ learning rate. Stages:
 * ``test``: every arm at its chosen rate, 10 paired seeds, on the test set.
 * ``followup``: for each RF-DNN reading that beats the null control on the test seeds, the regulariser as
   a ratio (rho 0.1, 0.3) and the gate (epsilon twice the running median of N), 6 seeds.
+* ``edge`` (exploratory, not in the protocol; added after every arm chose the grid's largest rate): each
+  arm once more on the validation split at 4 x 0.05, to see whether the grid's edge bound the choice. It
+  changes no choice and no test run.
 * ``collect``: every run's raw numbers (per-epoch accuracies, diagnostics, flip rates, latent-weight norms,
   the commit and device) into ``OUT/runs.json``.
 * ``report``: tables, the narrative's numbers and plots, generated from ``runs.json`` alone.
@@ -48,7 +51,8 @@ FOLLOWUP_VARIANTS = {
 }
 BEATS_NULL_P = 0.05
 DETERMINISM_ARMS = ("clipped_ste", "rfdnn_hessian")
-STAGES = ("determinism", "tune", "test", "followup", "collect", "report")
+EDGE_MULTIPLIER = 4.0  # exploratory, added after the tuning: every arm chose the grid's largest rate
+STAGES = ("determinism", "tune", "test", "followup", "edge", "collect", "report")
 EPOCHS = 6
 
 
@@ -175,6 +179,28 @@ def stage_test(plan: Plan, workdir: pathlib.Path):
   jobs = [(f"test {arm} lr x{chosen[arm]:g} seed {s}", config_for(arm, chosen[arm], s, "test", plan.quick),
            _dir(workdir, "test", arm, chosen[arm], s)) for arm in plan.arms for s in plan.test_seeds]
   _run_all(jobs, "test")
+
+
+def stage_edge(plan: Plan, workdir: pathlib.Path):
+  jobs = [(f"edge {arm} lr x{EDGE_MULTIPLIER:g} seed {s}", config_for(arm, EDGE_MULTIPLIER, s, "validation", plan.quick),
+           _dir(workdir, "tune", arm, EDGE_MULTIPLIER, s)) for arm in plan.arms for s in plan.tune_seeds]
+  _run_all(jobs, "edge")
+
+
+def edge_check(records: list[dict], plan: Plan) -> dict[str, dict] | None:
+  """Per arm, the validation statistic at the exploratory rate against the chosen one (None if not run)."""
+  chosen = chosen_multipliers(records, plan)
+  out = {}
+  for arm in plan.arms:
+    edge = [r["statistic"] for r in records if r["stage"] == "tune" and r["arm"] == arm
+            and r["lr_multiplier"] == EDGE_MULTIPLIER]
+    if len(edge) != len(plan.tune_seeds):
+      return None
+    best = [r["statistic"] for r in records if r["stage"] == "tune" and r["arm"] == arm
+            and r["lr_multiplier"] == chosen[arm]]
+    out[arm] = {"chosen": chosen[arm], "chosen_mean": float(np.mean(best)), "edge_mean": float(np.mean(edge)),
+                "edge_better": bool(np.mean(edge) > np.mean(best))}
+  return out
 
 
 def readings_beating_the_null(records: list[dict], plan: Plan) -> dict[str, dict]:
@@ -358,6 +384,7 @@ def analyse(records: list[dict], plan: Plan) -> dict:
               values, _per_seed(records, "test", CONTROL_ARM, plan.followup_seeds)),
           "diagnostics": _mean_over_runs([r["diagnostics"] for r in runs])}
   out["followups"] = followups
+  out["edge"] = edge_check(records, plan)
   return out
 
 
@@ -456,6 +483,20 @@ def render(records: list[dict], plan: Plan, determinism: dict | None, command: s
   lines.append(reporting.markdown_table(
       ["arm", "flips % / step", "latent RMS", "share |w| > 1", f"correction ({', '.join(layers)})", "s",
        "regulariser", "gate open", "seconds / run"], rows))
+  if a.get("edge"):
+    e = a["edge"]
+    better = [k for k, v in e.items() if v["edge_better"]]
+    lines += ["## Exploratory: was the learning-rate grid wide enough?", "",
+              f"Not in the protocol: added after every arm chose the largest rate of the grid. Each arm once more on "
+              f"the validation split at x{EDGE_MULTIPLIER:g} ({BASE_LR * EDGE_MULTIPLIER:g}); no choice and no test "
+              "run changes.", ""]
+    rows = [[arm, f"x{v['chosen']:g}", _pct(v["chosen_mean"]), _pct(v["edge_mean"]),
+             _signed(v["edge_mean"] - v["chosen_mean"])] for arm, v in e.items()]
+    lines.append(reporting.markdown_table(
+        ["arm", "chosen", "validation % at the chosen rate", f"at x{EDGE_MULTIPLIER:g}", "difference"], rows))
+    lines += [(f"Better at x{EDGE_MULTIPLIER:g}: {', '.join(better)}: their tuned rate may be below their best, "
+               "so the test comparison is between rates that may all sit below the optimum."
+               if better else f"No arm is better at x{EDGE_MULTIPLIER:g}: the grid's edge did not bind."), ""]
   lines += ["## Follow-ups: the Ricci-flow regulariser as a ratio, and the gate", ""]
   if a["followups"]:
     rows = [[k, _pct(v["mean"]), _pct(v["std_of_seeds"]),
@@ -546,9 +587,10 @@ def main(argv=None) -> int:
   plan = Plan(args.quick)
   workdir, out = pathlib.Path(args.workdir), pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  if any(s in ("determinism", "tune", "test", "followup") for s in stages):
+  runners = {"determinism": stage_determinism, "tune": stage_tune, "test": stage_test, "followup": stage_followup,
+             "edge": stage_edge}
+  if any(s in runners for s in stages):
     _refuse_dirty_tree(args.quick, args.allow_dirty)
-  runners = {"determinism": stage_determinism, "tune": stage_tune, "test": stage_test, "followup": stage_followup}
   try:
     for stage in stages:
       if stage in runners:

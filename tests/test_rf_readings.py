@@ -75,6 +75,20 @@ def test_analysis_pairs_by_seed_and_holm_adjusts_the_primary_comparisons():
   assert "None ran: no reading beat the null control" in text
 
 
+def test_the_edge_check_compares_the_exploratory_rate_with_the_chosen_one_and_changes_no_choice():
+  plan = rf_readings.Plan(quick=False)
+  records = _study(plan, {})
+  assert rf_readings.edge_check(records, plan) is None  # not run
+  for arm in plan.arms:
+    for s in plan.tune_seeds:
+      records.append(_record("tune", arm, s, 0.83 if arm == "dorefa" else 0.80, rf_readings.EDGE_MULTIPLIER))
+  edge = rf_readings.edge_check(records, plan)
+  assert edge["dorefa"]["edge_better"] and not edge["clipped_ste"]["edge_better"]
+  assert edge["dorefa"]["edge_mean"] == pytest.approx(0.83) and edge["dorefa"]["chosen_mean"] == pytest.approx(0.81)
+  assert rf_readings.chosen_multipliers(records, plan)["dorefa"] == 2.0  # the protocol's grid decides
+  assert "Better at x4: dorefa" in rf_readings.render(records, plan, None, "cmd")
+
+
 def test_the_report_says_when_the_test_stage_is_unfinished():
   plan = rf_readings.Plan(quick=False)
   records = [r for r in _study(plan, {}) if r["stage"] == "tune"]
@@ -92,7 +106,8 @@ def test_the_whole_pipeline_in_quick_mode(tmp_path):
   assert "Quick mode" in text and "parameters bit-identical, optimizer state bit-identical" in text
   records = json.loads((out / "runs.json").read_text())
   stages = [r["stage"] for r in records]
-  assert stages.count("tune") == 6 and stages.count("test") == 6 and stages.count("followup") == 2
+  assert stages.count("tune") == 6 + 3 and stages.count("test") == 6 and stages.count("followup") == 2  # + edge
+  assert "## Exploratory: was the learning-rate grid wide enough?" in text
   for r in records:
     assert r["source"]["commit"] and r["device"] and len(r["accuracy_per_epoch"]) == 1
     assert r["flip_rate_per_epoch"][0] > 0
