@@ -199,32 +199,42 @@ def main(argv=None) -> int:
     return 2
   runners = {"fashion": part_fashion, "bits": part_bits, "cifar": part_cifar, "alpha": part_alpha,
              "metric": part_metric}
+  # Every part trains before any output is written: a file written into the tree would make the later
+  # parts' runs record a dirty tree.
+  finished, status = [], 0
   for part in parts:
     workdir = pathlib.Path(args.workdir) / part
-    out_dir = pathlib.Path(args.out) / f"study_{part}"
-    out_dir.mkdir(parents=True, exist_ok=True)
     try:
-      out = runners[part](args.quick, workdir)
+      finished.append((part, workdir, runners[part](args.quick, workdir)))
     except ValueError as e:
       print(f"error in part {part!r}: {e}", file=sys.stderr)
-      return 2
-    diag_data = diagnostics_data(workdir)
-    diag = diagnostics_summary(diag_data)
-    command = f"python -m experiments.study --parts {part}" + (" --quick" if args.quick else "")
-    text = out["table"] + f"\nCommand: `{command}`" + (" (quick mode: tiny budgets, not evidence)\n" if args.quick else "\n")
-    text += f"\nThis summary written on: {_machine()}\n"
-    if "metric_table" in out:
-      text += "\n## Metric perturbation\n\n" + out["metric_table"]
-    if diag_data:
-      text += ("\n## RF-DNN diagnostics (means over training; the gate cannot close where epsilon is inf)\n\n"
-               + diag)
-    (out_dir / "results.md").write_text(text)
-    (out_dir / "results.json").write_text(json.dumps(_jsonable(out["results"]), indent=2))
-    if diag_data:
-      (out_dir / "diagnostics.json").write_text(json.dumps(_jsonable(diag_data), indent=1))
-    for produced in [*workdir.glob("*.png"), *workdir.glob("*_metric.json")]:  # plots and the series behind them
-      (out_dir / produced.name).write_bytes(produced.read_bytes())
-    print(text)
+      status = 2
+      break
+  for part, workdir, out in finished:
+    write_part(part, workdir, out, pathlib.Path(args.out) / f"study_{part}", args.quick)
+  return status
+
+
+def write_part(part: str, workdir: pathlib.Path, out: dict, out_dir: pathlib.Path, quick: bool):
+  """A finished part's summary, data, diagnostics and plots into ``out_dir``."""
+  out_dir.mkdir(parents=True, exist_ok=True)
+  diag_data = diagnostics_data(workdir)
+  diag = diagnostics_summary(diag_data)
+  command = f"python -m experiments.study --parts {part}" + (" --quick" if quick else "")
+  text = out["table"] + f"\nCommand: `{command}`" + (" (quick mode: tiny budgets, not evidence)\n" if quick else "\n")
+  text += f"\nThis summary written on: {_machine()}\n"
+  if "metric_table" in out:
+    text += "\n## Metric perturbation\n\n" + out["metric_table"]
+  if diag_data:
+    text += ("\n## RF-DNN diagnostics (means over training; the gate cannot close where epsilon is inf)\n\n"
+             + diag)
+  (out_dir / "results.md").write_text(text)
+  (out_dir / "results.json").write_text(json.dumps(_jsonable(out["results"]), indent=2))
+  if diag_data:
+    (out_dir / "diagnostics.json").write_text(json.dumps(_jsonable(diag_data), indent=1))
+  for produced in [*workdir.glob("*.png"), *workdir.glob("*_metric.json")]:  # plots and the series behind them
+    (out_dir / produced.name).write_bytes(produced.read_bytes())
+  print(text)
   return 0
 
 

@@ -61,13 +61,16 @@ def to_jsonable(value):
   return value
 
 
-def source_version(path: str | os.PathLike | None = None) -> dict[str, Any]:
+def source_version(path: str | os.PathLike | None = None, max_changes: int = 20) -> dict[str, Any]:
   """The git commit of the code at ``path`` (default: this package) and whether its tree was dirty.
 
-  ``{"commit": <sha or None>, "dirty": <bool or None>}``; both None outside a
-  git checkout (an installed wheel). Dirty means tracked files differ from the
-  commit or untracked files that git does not ignore exist: a result from a
-  dirty tree is not reproducible from its commit.
+  ``{"commit": <sha or None>, "dirty": <bool or None>, "changes": [...]}``;
+  commit and dirty are None outside a git checkout (an installed wheel). Dirty
+  means tracked files differ from the commit or untracked files that git does
+  not ignore exist: a result from a dirty tree is not reproducible from its
+  commit. ``changes`` lists the first ``max_changes`` lines of ``git status
+  --porcelain`` so that a reader can tell modified code from, say, an output
+  file left in the tree.
   """
   import subprocess  # noqa: PLC0415
 
@@ -78,8 +81,9 @@ def source_version(path: str | os.PathLike | None = None) -> dict[str, Any]:
     status = subprocess.run(["git", "status", "--porcelain"], cwd=where, capture_output=True, text=True,
                             timeout=30, check=True).stdout
   except (OSError, subprocess.SubprocessError):
-    return {"commit": None, "dirty": None}
-  return {"commit": commit, "dirty": bool(status.strip())}
+    return {"commit": None, "dirty": None, "changes": []}
+  changes = [line for line in status.splitlines() if line.strip()]
+  return {"commit": commit, "dirty": bool(changes), "changes": changes[:max_changes]}
 
 
 def last_epochs_statistic(test_accuracies: Sequence[float], window: int) -> dict[str, Any]:

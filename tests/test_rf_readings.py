@@ -121,3 +121,16 @@ def test_the_whole_pipeline_in_quick_mode(tmp_path):
                           "--workdir", str(tmp_path / "absent"), "--out", str(out)], cwd=REPO, capture_output=True,
                          text=True, timeout=300)
   assert again.returncode == 0 and (out / "README.md").read_text() == text
+
+
+def test_the_report_names_dirty_runs_and_what_differed():
+  plan = rf_readings.Plan(quick=False)
+  records = [r for r in _study(plan, {}) if r["stage"] == "tune"]
+  assert "clean trees" in rf_readings.render(records, plan, None, "cmd")
+  records[0]["source"] = {"commit": "abc", "dirty": True, "changes": ["?? results/x.json", " M ricci_jax/lne.py"]}
+  records[1]["source"] = {"commit": "abc", "dirty": True}  # recorded before the changes were
+  text = rf_readings.render(records, plan, None, "cmd")
+  assert "clean trees" not in text
+  assert f"2 of {len(records)} runs were made from a DIRTY tree" in text
+  assert "`?? results/x.json`" in text and "` M ricci_jax/lne.py`" in text
+  assert "1 of them predate the record of which paths differed" in text

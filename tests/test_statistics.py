@@ -83,3 +83,28 @@ def test_paired_variance_test_by_hand():
   assert same["r"] == pytest.approx(0.0, abs=1e-12) and same["ratio"] == pytest.approx(1.0)
   with pytest.raises(ValueError, match="3 or more"):
     statistics.paired_variance_test([1.0, 2.0], [1.0, 2.0])
+
+
+def test_source_version_records_the_commit_and_what_differs_from_it(tmp_path):
+  import subprocess  # noqa: PLC0415
+
+  def git(*args):
+    subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+  git("init", "-q")
+  (tmp_path / ".gitignore").write_text("runs/\n")
+  (tmp_path / "code.py").write_text("x = 1\n")
+  git("add", ".")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+  head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+  (tmp_path / "runs").mkdir()
+  (tmp_path / "runs" / "ignored.json").write_text("{}")  # ignored paths do not make a tree dirty
+  assert reporting.source_version(tmp_path) == {"commit": head, "dirty": False, "changes": []}
+  (tmp_path / "out.json").write_text("{}")
+  (tmp_path / "code.py").write_text("x = 2\n")
+  got = reporting.source_version(tmp_path)
+  assert got["commit"] == head and got["dirty"] is True
+  assert sorted(got["changes"]) == [" M code.py", "?? out.json"]
+  assert len(reporting.source_version(tmp_path, max_changes=1)["changes"]) == 1
+  assert reporting.source_version(tmp_path.parent / "nonexistent-dir") == {"commit": None, "dirty": None,
+                                                                            "changes": []}
