@@ -5,9 +5,12 @@ Real data is used where it is on the machine (Fashion-MNIST from Debian's
 tests skip with the reason otherwise; the readers are always tested on small
 synthetic folders in the official formats, and the TFDS path both on
 ``tfds.testing.mock_data`` and on tiny array_record datasets really prepared
-in tmp_path (images given pre-encoded, so no TensorFlow is needed).
+in tmp_path (images given pre-encoded, so no TensorFlow is needed). The tests
+go through ``ricci_jax.data``, the package's public names; the last section
+checks the package's layout.
 """
 
+import ast
 import gzip
 import io
 import os
@@ -47,7 +50,8 @@ needs_subset = pytest.mark.skipif(
 
 
 # ----------------------------------------------------------------------------
-# Synthetic folders in the official formats.
+# The file readers (ricci_jax.data.sources), on synthetic folders in the
+# official formats.
 # ----------------------------------------------------------------------------
 
 
@@ -155,7 +159,7 @@ def test_idx_reader_and_mnist_files_source(synthetic, tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# The real CIFAR-10 subset.
+# The real CIFAR-10 subset (files source, validation hold-out).
 # ----------------------------------------------------------------------------
 
 
@@ -177,7 +181,7 @@ def test_real_cifar10_subset():
 
 
 # ----------------------------------------------------------------------------
-# Real Fashion-MNIST: order, coverage, sharding, resume, splits.
+# Real Fashion-MNIST: order, coverage, sharding, resume, splits (ricci_jax.data.loader).
 # ----------------------------------------------------------------------------
 
 
@@ -278,7 +282,7 @@ def test_validation_split_is_the_held_out_tail_and_disjoint_from_train():
 
 
 # ----------------------------------------------------------------------------
-# Device augmentation and normalisation.
+# Device augmentation and normalisation (ricci_jax.data.augmentation).
 # ----------------------------------------------------------------------------
 
 
@@ -347,7 +351,8 @@ def test_normalisation_constants():
 
 
 # ----------------------------------------------------------------------------
-# The TFDS source, on tfds.testing.mock_data (no TensorFlow needed).
+# The TFDS source (ricci_jax.data.sources), on tfds.testing.mock_data (no
+# TensorFlow needed), and the ImageNet host crops (ricci_jax.data.imagenet).
 # ----------------------------------------------------------------------------
 
 
@@ -406,7 +411,7 @@ def test_tfds_source_reads_really_prepared_array_record_data(tmp_path):
                                image=np.full((32, 32, 3), base + i, np.uint8)) for i in range(n)]
   _prepare_tfds(tmp_path, "cifar10", {"train": make(30, 0), "test": make(10, 100)}, "PNG")
   ds = data.load("cifar10", batch_size=30, source="tfds", data_dir=tmp_path, shuffle=False)
-  assert ds.source == f"tfds:{tmp_path}/cifar10/{ds._reader.source.dataset_info.version}:train"
+  assert ds.source == f"tfds:{tmp_path}/cifar10/{ds.reader.source.dataset_info.version}:train"
   batch = next(ds.epoch(0))
   pixel = batch["image"][:, 0, 0, 0].astype(int)
   np.testing.assert_array_equal(batch["label"], pixel % 10)  # images and labels stay together
@@ -430,7 +435,7 @@ def test_imagenet_host_transforms_on_mock_data(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=12):
     train = data.load("imagenet2012", batch_size=12, source="tfds", seed=5)
-    raw_shapes = {train._reader.source[i]["image"].shape for i in range(12)}
+    raw_shapes = {train.reader.source[i]["image"].shape for i in range(12)}
     e0, e0_again, e1 = (next(train.epoch(e)) for e in (0, 0, 1))
     again = next(data.load("imagenet2012", batch_size=12, source="tfds", seed=5).epoch(0))
     test = data.load("imagenet2012", "test", batch_size=12, source="tfds")
@@ -521,3 +526,53 @@ def test_auto_source_lists_every_place_it_looked(tmp_path):
   assert "apt-get install dataset-fashion-mnist" in message
   with pytest.raises(FileNotFoundError, match="no offline files reader"):
     data.load("imagenet2012", batch_size=8, source="files")
+
+
+# ----------------------------------------------------------------------------
+# The package's layout: small modules, public names only, no import circle.
+# ----------------------------------------------------------------------------
+
+
+def _package_modules():
+  folder = pathlib.Path(data.__file__).parent
+  return {p.stem: ast.parse(p.read_text()) for p in sorted(folder.glob("*.py"))}, folder
+
+
+def test_package_modules_are_small_use_public_names_and_form_no_circle():
+  modules, folder = _package_modules()
+  for path in folder.glob("*.py"):
+    assert len(path.read_text().splitlines()) <= 500, f"{path.name} is over 500 lines"
+  graph = {}
+  for name, tree in modules.items():
+    deps = set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ricci_jax.data"):
+        deps.add(node.module.rpartition(".")[2])
+        private = [a.name for a in node.names if a.name.startswith("_")]
+        assert not private, f"{name} imports private {private} from {node.module}"
+    graph[name] = deps - {"data"}
+  # the import graph between the modules is acyclic (a topological order exists)
+  done = set()
+  while len(done) < len(graph):
+    ready = [m for m in graph if m not in done and graph[m] <= done]
+    assert ready, f"import circle among {sorted(set(graph) - done)}"
+    done.update(ready)
+
+
+def test_package_reexports_its_public_names():
+  assert sorted(data.__all__) == sorted(set(data.__all__))
+  for name in data.__all__:
+    assert getattr(data, name) is not None
+  # the submodules stay reachable under their own names (none is shadowed by a function)
+  from ricci_jax.data import augmentation, imagenet, loader, sources, specs  # noqa: PLC0415
+  assert data.augment is augmentation.augment and data.load is loader.load
+  assert data.read_idx is sources.read_idx and data.DATASETS is specs.DATASETS
+  assert data.imagenet_transform is imagenet.imagenet_transform
+
+
+def test_check_int_refuses_bools_floats_and_out_of_range_values():
+  from ricci_jax.data.checks import check_int  # noqa: PLC0415
+  assert check_int("n", np.int64(3), 0) == 3 and type(check_int("n", np.int64(3), 0)) is int
+  for value, match in [(True, "integer"), (2.0, "integer"), (-1, ">= 0"), (5, r"in \[0, 4\]")]:
+    with pytest.raises(ValueError, match=f"n must be.*{match}"):
+      check_int("n", value, 0, 4 if value == 5 else None)

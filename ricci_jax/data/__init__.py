@@ -1,0 +1,55 @@
+"""Input pipelines: CIFAR-10/100, ImageNet, MNIST and Fashion-MNIST.
+
+The host yields ``uint8`` batches in a deterministic, seeded order; the
+train-time augmentation and the normalisation are jit-compiled JAX functions
+that run on the device (:func:`augment`, :func:`preprocess`), so a CPU training
+loop spends almost no host time on input.
+
+===================  ========================================================
+``load``             opens a split and returns a :class:`Dataset`.
+``Dataset.epoch``    one epoch of this host's batches: ``dict(image=uint8
+                     [b, H, W, C], label=int32 [b], mask=bool [b],
+                     index=int32 [b])``, resumable at any step.
+``augment``          train-time augmentation + normalisation -> float32
+                     (CIFAR: pad-4 random crop and horizontal flip).
+``preprocess``       eval-time normalisation -> float32.
+``DATASETS``         every dataset by name, with its constants.
+===================  ========================================================
+
+Modules (each imports only those above it):
+
+* :mod:`~ricci_jax.data.checks`: argument checks shared by the others.
+* :mod:`~ricci_jax.data.imagenet`: ImageNet host-side crops (numpy + PIL).
+* :mod:`~ricci_jax.data.specs`: :class:`DatasetSpec`, the registry
+  :data:`DATASETS`, the splits and the validation hold-out.
+* :mod:`~ricci_jax.data.sources`: the original-file readers, the TFDS reader
+  and the ``source=`` choice (``"auto"``, ``"files"``, ``"tfds"``).
+* :mod:`~ricci_jax.data.loader`: the seeded order, per-host sharding, batches
+  and resume (:func:`load`, :class:`Dataset`).
+* :mod:`~ricci_jax.data.augmentation`: on-device augmentation and normalisation.
+"""
+
+from ricci_jax.data.augmentation import augment, preprocess
+from ricci_jax.data.imagenet import imagenet_eval_box, imagenet_train_box, imagenet_transform
+from ricci_jax.data.loader import Dataset, epoch_order, load
+from ricci_jax.data.sources import SOURCES, read_cifar, read_idx
+from ricci_jax.data.specs import DATASETS, SPLITS, DatasetSpec, get_spec, validation_size
+
+__all__ = [
+    "DATASETS",
+    "SOURCES",
+    "SPLITS",
+    "Dataset",
+    "DatasetSpec",
+    "augment",
+    "epoch_order",
+    "get_spec",
+    "imagenet_eval_box",
+    "imagenet_train_box",
+    "imagenet_transform",
+    "load",
+    "preprocess",
+    "read_cifar",
+    "read_idx",
+    "validation_size",
+]
