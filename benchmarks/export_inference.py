@@ -49,8 +49,8 @@ import numpy as np
 
 import ricci_jax as rj
 from ricci_jax import export, inference, layers, models, train
-from ricci_jax.models import QuantRule
-from benchmarks.common import save_json
+from ricci_jax.models import QuantRule, inspect
+from benchmarks.common import float32_file_nbytes, save_json, training_forward
 
 W1 = rj.TensorQuant(bits=1, estimator="clipped_ste")
 
@@ -65,7 +65,7 @@ def _training_checkpoint_bytes(config, model, variables, workdir: pathlib.Path) 
   """The train state written exactly as ``ricci_jax.train`` writes it (its checkpoint manager and save)."""
   x = jnp.zeros((1, 32, 32, 3))
   params = jax.tree.map(jnp.asarray, variables["params"])
-  mask = layers.quantized_kernel_mask(params, layers.quantized_kernels(model, x, train=False))
+  mask = layers.quantized_kernel_mask(params, rj.quantized_kernels(model, x, train=False))
   tx = train.build_optimizer(config, train.learning_rate_schedule(config, 352), mask)
   # As after training: Orbax writes no chunk that is all zeros, so a step-0 state (zero momentum) would
   # understate the checkpoint; every floating leaf of the optimizer state gets non-zero values.
@@ -106,9 +106,9 @@ def bench_sizes(tmp: pathlib.Path) -> dict:
       shape = (224, 224, 3)
     else:
       config = presets.cifar_paper("cifar10", "resnet20", method="clipped_ste", layers=rule_layers)
-      model = export.resolve_model(config)
+      model = train.build_model(config, num_classes=10)
       shape = (32, 32, 3)
-    variables = export.random_variables(model, shape)
+    variables = inspect.random_variables(model, shape)
     t0 = time.perf_counter()
     packed = export.pack(variables, model)
     pack_s = time.perf_counter() - t0
@@ -116,7 +116,7 @@ def bench_sizes(tmp: pathlib.Path) -> dict:
     row = {
         "float32_model_bytes": packed.float32_nbytes(),
         "float32_params_bytes": packed.float32_nbytes("params"),
-        "float32_model_npz_bytes": export.float32_file_nbytes(variables),
+        "float32_model_npz_bytes": float32_file_nbytes(variables),
         "packed_payload_bytes": packed.nbytes,
         "packed_params_bytes": packed.nbytes_of("params"),
         "packed_file_bytes": packed_file,
@@ -127,7 +127,7 @@ def bench_sizes(tmp: pathlib.Path) -> dict:
       for method in ("clipped_ste", "rfdnn"):
         cfg = presets.cifar_paper("cifar10", "resnet20", method=method, layers=rule_layers)
         row[f"training_checkpoint_{method}_bytes"] = _training_checkpoint_bytes(
-            cfg, export.resolve_model(cfg), variables, tmp / f"{name}_{method}")
+            cfg, train.build_model(cfg, num_classes=10), variables, tmp / f"{name}_{method}")
     out[name] = row
   return out
 
@@ -209,7 +209,7 @@ def bench_inference(batches, repeats: int) -> dict:
   ]:
     model = models.create("resnet20", num_classes=10, quant=rule, order=order)
     float_model = model.clone(quant=None)
-    variables = export.random_variables(model, (32, 32, 3))
+    variables = inspect.random_variables(model, (32, 32, 3))
     packed = export.pack(variables, model)
     dev_vars = inference.device_variables(variables)
     predictors = {"packed, unpack on the fly": inference.Predictor(packed, xnor=False),
@@ -217,8 +217,8 @@ def bench_inference(batches, repeats: int) -> dict:
     xnor = inference.Predictor(packed, xnor=True)
     if xnor.xnor_layers:
       predictors[f"packed, XOR-popcount ({len(xnor.xnor_layers)} layers)"] = xnor
-    trained = inference.training_forward(model)
-    floated = inference.training_forward(float_model)
+    trained = training_forward(model)
+    floated = training_forward(float_model)
     for batch in batches:
       x = jnp.asarray(np.random.default_rng(batch).normal(size=(batch, 32, 32, 3)), jnp.float32)
       want = np.asarray(trained(dev_vars, x))

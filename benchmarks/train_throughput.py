@@ -28,6 +28,7 @@ import numpy as np
 from benchmarks import input_pipeline
 from experiments.configs import presets
 from ricci_jax import layers, runtime, train, train_config
+from ricci_jax.models import inspect
 from benchmarks.common import save_json
 
 
@@ -37,7 +38,7 @@ def _step(method: str, batch_size: int):
   model = train.build_model(config, num_classes=10)
   x = jnp.zeros((1, 32, 32, 3))
   variables = model.init(jax.random.key(0), x, train=False)
-  mask = layers.quantized_kernel_mask(variables["params"], layers.quantized_kernels(model, x, train=False))
+  mask = layers.quantized_kernel_mask(variables["params"], inspect.quantized_kernels(model, x, train=False))
   program, state = train.build_program(config, model, variables, mask, steps_per_epoch=351)
   # jitted exactly as the training program does (its CPU options; the state is not donated here
   # because every round reuses it)

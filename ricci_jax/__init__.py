@@ -26,9 +26,9 @@ from ricci_jax.layers import (
     QuantConvGeneralDilated,
     QuantDense,
     QuantDotGeneral,
-    quantized_kernels,
     set_quant_hparams,
 )
+from ricci_jax.models.inspect import quantized_kernels
 from ricci_jax.ricci_flow import Shifts, translated_grads
 from ricci_jax.summary import summary
 from ricci_jax.transform import rf_sgd, scale_by_lne, scale_by_ricci_flow

@@ -31,21 +31,18 @@ per tap, padded taps left out. That is exact: the float product of ±1 values
 sums integers below 2^24, which float32 holds exactly in any order. With a
 scale it would not be (sums of ±s round), so those layers are unpacked.
 
-Speed and memory, honestly (``benchmarks/export_inference.py``, ResNet-20 on
-2 CPU cores shared with other jobs, so differences under ~10% are noise):
+Speed and memory (measured numbers: ``benchmarks/README.md``, from
+``benchmarks/export_inference.py``):
 
-* W1A32 and W1A1 with a scale: every matmul stays a float matmul, whether its
-  kernel came from latent weights (the training model quantizes them in every
-  call) or from packed bits. Unpacking on the fly costs about what quantizing
-  did: 0.93-0.97x the training model's eval time; unpacking once runs at the
-  float model's speed. The saving is memory and disk: the resident weights are
-  48.7 KB instead of 1.08 MB. XLA still materialises the unpacked kernels as
-  temporaries during a call, so the *peak* is the float model's (1.44 MB
-  against 1.46 MB at batch 1), not 1/22 of it.
-* W1A1 without a scale: the XOR-popcount layers measured 1.1-2.3x faster than
-  XLA's float conv / matmul of ±1 values per layer, 0.79-0.86x the training
-  model's eval time end to end, and half its peak memory at batch 128
-  (17 MB against 35 MB: no float copies of the binarized activations).
+* With a weight scale, or a float input, every matmul stays a float matmul,
+  whether its kernel came from latent weights (the training model quantizes
+  them in every call) or from packed bits: unpacking on the fly costs about
+  what quantizing did, and unpacking once runs at the float model's speed. The
+  saving is memory and disk: the resident weights are the packed words. XLA
+  still materialises the unpacked kernels as temporaries during a call, so the
+  *peak* memory is about the float model's.
+* W1A1 without a scale: the XOR-popcount layers work on the packed bits and
+  keep no float copies of the binarized activations.
 
 Example::
 
@@ -57,7 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax
@@ -66,9 +63,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ricci_jax import export, layers, models
+from ricci_jax import export
 from ricci_jax.config import QuantConfig
-from ricci_jax.models import QuantRule
+from ricci_jax.models import QuantRule, inspect
 
 UNPACK_MODES = ("on_the_fly", "once")
 """When kernels are rebuilt from the packed words: in every forward pass, or once."""
@@ -87,7 +84,7 @@ def serving_rule(model: nn.Module, input_shape: tuple[int, ...]) -> QuantRule:
   if "quant" not in {f.name for f in dataclasses.fields(model)}:
     raise export.ExportError(f"{type(model).__name__} has no 'quant' rule attribute: only models built "
                              "through a QuantRule (ricci_jax.models) can be served from packed kernels")
-  plan = models.layer_plan(model, export.example_input(input_shape), train=False)
+  plan = inspect.layer_plan(model, inspect.example_input(input_shape), train=False)
   names = [path.split("/")[-1] for path in plan]
   repeated = sorted({n for n in names if names.count(n) > 1})
   if repeated:
@@ -106,11 +103,12 @@ def serving_model(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
   input exactly as ``model``'s does.
   """
   serving = model.clone(quant=serving_rule(model, input_shape))
-  x = export.example_input(input_shape)
-  if layers.quantized_kernels(serving, x, train=False):  # pragma: no cover - the rule has no weight
+  x = inspect.example_input(input_shape)
+  traced = inspect.trace(serving, x, train=False)
+  if traced.kernels():  # pragma: no cover - the rule has no weight
     raise AssertionError("the serving model still quantizes kernels")
-  want = {p: (c.act if c else None) for p, c in models.layer_plan(model, x, train=False).items()}
-  got = {p: (c.act if c else None) for p, c in models.layer_plan(serving, x, train=False).items()}
+  want = {p: (c.act if c else None) for p, c in inspect.layer_plan(model, x, train=False).items()}
+  got = {p: (c.act if c else None) for p, c in traced.plan().items()}
   if want != got:  # pragma: no cover - guards the rule's construction
     raise AssertionError(f"the serving model quantizes activations differently: {got} vs {want}")
   return serving
@@ -119,7 +117,7 @@ def serving_model(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
 def rebuild_variables(tensors: Mapping[str, export.PackedTensor],
                       arrays: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, Any]:
   """``{"params": ..., "batch_stats": ...}`` from packed tensors (pure JAX, jit-able)."""
-  flat: dict[str, dict[str, jax.Array]] = {c: {} for c in export.COLLECTIONS}
+  flat: dict[str, dict[str, jax.Array]] = {c: {} for c in inspect.COLLECTIONS}
   for key, tensor in tensors.items():
     coll, path = key.split("/", 1)
     flat[coll][path] = export.dequantize(tensor, arrays[key])
@@ -203,33 +201,25 @@ def xnor_layers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Xno
   geometry: a dense layer, or a 2-D conv without groups or dilation with
   explicit (or ``VALID``) padding.
   """
-  x = export.example_input(input_shape)
-  plan = models.layer_plan(model, x, train=False)
-  dtype = export.compute_dtype(model)
+  dtype = inspect.compute_dtype(model)
   found: dict[str, XnorLayer] = {}
-
-  def record(next_fun, args, kwargs, context):
-    mod = context.module
-    path = "/".join(mod.path)
-    if (context.method_name == "__call__" and isinstance(mod, (nn.Conv, nn.Dense))
-        and _xnor_eligible(plan.get(path), dtype) and args[0].dtype == jnp.float32):
-      if isinstance(mod, nn.Dense):
-        k = int(args[0].shape[-1])
-        found[path] = XnorLayer("dense", k, xnor_word_bits(k), bias=bool(mod.use_bias))
-      else:
-        window = tuple(mod.kernel_size) if not isinstance(mod.kernel_size, int) else (mod.kernel_size,)
-        padding = _explicit_padding(mod.padding, len(window))
-        plain = (len(window) == 2 and args[0].ndim == 4 and mod.feature_group_count == 1
-                 and all(_ones(d, len(window)) for d in (mod.input_dilation, mod.kernel_dilation)))
-        if plain and padding is not None:
-          strides = (1, 1) if mod.strides is None else (
-              (mod.strides,) * 2 if isinstance(mod.strides, int) else tuple(mod.strides))
-          c = int(args[0].shape[-1])
-          found[path] = XnorLayer("conv", c, xnor_word_bits(c), window, strides, padding, bool(mod.use_bias))
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(record):
-    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  for path, call in inspect.trace(model, inspect.example_input(input_shape), train=False).layers().items():
+    mod, x = call.module, call.inputs[0]
+    if not (_xnor_eligible(call.config, dtype) and x.dtype == jnp.float32):
+      continue
+    if isinstance(mod, nn.Dense):
+      k = int(x.shape[-1])
+      found[path] = XnorLayer("dense", k, xnor_word_bits(k), bias=bool(mod.use_bias))
+    else:
+      window = tuple(mod.kernel_size) if not isinstance(mod.kernel_size, int) else (mod.kernel_size,)
+      padding = _explicit_padding(mod.padding, len(window))
+      plain = (len(window) == 2 and len(x.shape) == 4 and mod.feature_group_count == 1
+               and all(_ones(d, len(window)) for d in (mod.input_dilation, mod.kernel_dilation)))
+      if plain and padding is not None:
+        strides = (1, 1) if mod.strides is None else (
+            (mod.strides,) * 2 if isinstance(mod.strides, int) else tuple(mod.strides))
+        c = int(x.shape[-1])
+        found[path] = XnorLayer("conv", c, xnor_word_bits(c), window, strides, padding, bool(mod.use_bias))
   return found
 
 
@@ -352,18 +342,8 @@ class Predictor:
     return self._forward.lower(self.arrays, x).compile()
 
 
-def predict(packed: export.Packed | Any, x: jax.Array, **kwargs) -> jax.Array:
-  """One-shot :class:`Predictor` call (compiles every time: build a Predictor to reuse)."""
-  return Predictor(packed, **kwargs)(x)
-
-
-def training_forward(model: nn.Module) -> Callable[[Mapping[str, Any], jax.Array], jax.Array]:
-  """The training model's jitted eval-mode forward, ``f(variables, x)``: the reference of exactness."""
-  return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
-
-
 def device_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
   """``{"params", "batch_stats"}`` of a variables dict or training checkpoint, as device arrays."""
-  params, batch_stats = export.split_variables(variables)
+  params, batch_stats = inspect.split_variables(variables)
   out = {"params": params} if batch_stats is None else {"params": params, "batch_stats": batch_stats}
   return jax.tree.map(lambda v: jnp.asarray(np.asarray(v)), out)

@@ -21,7 +21,7 @@ and the config's initial values are used.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -161,38 +161,21 @@ def QuantConv(features: int, kernel_size, quant: QuantConfig | None = None, **kw
 
 
 # ----------------------------------------------------------------------------
-# Finding the quantized kernels and setting hyperparameters.
+# The quantized kernels' mask and setting hyperparameters.
 # ----------------------------------------------------------------------------
 
-_QUANT_OPS = (QuantDotGeneral, QuantConvGeneralDilated)
 
+def __getattr__(name: str) -> Any:
+  """``layers.quantized_kernels`` is :func:`ricci_jax.models.inspect.quantized_kernels`.
 
-def quantized_kernels(
-    model: nn.Module, *args, rngs: Any = None, method: Callable | str | None = None, **kwargs
-) -> dict[tuple[str, ...], QuantConfig]:
-  """Maps the path of every quantized kernel in ``params`` to its config.
-
-  Traces ``model.init(rngs, *args, **kwargs)`` abstractly (``jax.eval_shape``,
-  no computation) and records each quantizing op that runs. ``args`` are
-  traced; ``kwargs`` are passed as they are (static), so Python flags such as
-  ``train=False`` stay Python values. Assumes the op is
-  injected into a layer whose kernel parameter is called ``kernel`` (as
-  ``nn.Dense`` and ``nn.Conv`` do).
+  It lives with the model tracer, which builds on this module; the name stays
+  here for existing callers, resolved on first use.
   """
-  found: dict[tuple[str, ...], QuantConfig] = {}
+  if name == "quantized_kernels":
+    from ricci_jax.models import inspect  # noqa: PLC0415 - ricci_jax.models imports this module
 
-  def record(next_fun, call_args, call_kwargs, context):
-    mod = context.module
-    if isinstance(mod, _QUANT_OPS) and context.method_name == "__call__" and mod.config.weight is not None:
-      found[tuple(mod.path[:-1]) + ("kernel",)] = mod.config
-    return next_fun(*call_args, **call_kwargs)
-
-  if rngs is None:
-    rngs = jax.random.key(0)
-  init_kwargs = {} if method is None else {"method": method}
-  with nn.intercept_methods(record):
-    jax.eval_shape(functools.partial(model.init, rngs, **init_kwargs, **kwargs), *args)
-  return found
+    return inspect.quantized_kernels
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def path_names(path) -> tuple[str, ...]:
@@ -211,8 +194,8 @@ def path_names(path) -> tuple[str, ...]:
 def quantized_kernel_mask(params: Any, kernels: Mapping[tuple[str, ...], Any] | Sequence) -> Any:
   """A tree of bools over ``params``: True at the quantized kernels' leaves.
 
-  ``kernels`` is the result of :func:`quantized_kernels` (or any collection
-  of paths). Raises if a path is not in ``params``.
+  ``kernels`` is the result of :func:`ricci_jax.quantized_kernels` (or any
+  collection of paths). Raises if a path is not in ``params``.
   """
   wanted = {tuple(p) for p in kernels}
   seen = set()

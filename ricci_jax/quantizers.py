@@ -41,6 +41,8 @@ __all__ = [
     "dorefa_weights",
     "staircase_relu",
     "ridge_dequantize",
+    "ridge_quantize",
+    "ridge_fit",
     "nm_sparsity_mask",
     "binary_scale",
     "check_bits",
@@ -341,21 +343,74 @@ def _quantize_with_detached_noise(x: Array, bits: int, affine: bool, axis: int) 
   return fx + sg(target - fx)
 
 
-def _ridge_fit(x: Array, q: Array, lam, affine: bool, axis: int) -> Array:
-  """The ridge-regression dequantization g(q) fitted to x along ``axis``.
+def ridge_quantize(
+    x: Array,
+    bits: int,
+    *,
+    affine: bool = True,
+    sparsity: str | tuple[int, int] | None = None,
+    axis: int = 0,
+) -> Array:
+  r"""The integer-grid values q of the ridge method, one block per slice along ``axis``.
 
-  affine: g(q) = Cov(x, q) / (Var(q) + lambda) * (q - mean q) + mean x.
-  linear: g(q) = <q, x> / (<q, q> + lambda) * q  (means, i.e. divided by N).
+  Steps 1 and 2 of :func:`ridge_dequantize`: optional N:M sparsity along
+  ``axis`` (:math:`x_S = x + \mathrm{sg}(\mathrm{mask}\,x - x)`), then
+  :math:`q = f(x_S) + \mathrm{sg}(\mathrm{round}(f(x_S)) - f(x_S))` with f's
+  scale and offset detached per block (``_quantize_with_detached_noise``),
+  pruned entries set to 0. Affine: integers in [0, 2^b - 1]; linear:
+  half-integers in [-(2^(b-1) - 1/2), 2^(b-1) - 1/2].
+
+  Args:
+    x: the blocks, statistics along ``axis`` (float32).
+    bits: an integer in [1, 16].
+    affine: the affine grid (default) or the symmetric, zero-free one.
+    sparsity: ``"2:4"`` or ``(2, 4)``: keep N of every M along ``axis``.
+    axis: the axis each block's entries run along.
+  """
+  nm = _parse_sparsity(sparsity)
+  xs = x
+  mask = None
+  if nm is not None:
+    mask = nm_sparsity_mask(x, *nm, axis=axis)
+    xs = x + jax.lax.stop_gradient(mask * x - x)
+  q = _quantize_with_detached_noise(xs, bits, affine, axis=axis)
+  if mask is not None:
+    q = q * mask
+  return q
+
+
+def ridge_fit(x: Array, q: Array, lam, *, affine: bool = True, axis: int = 0) -> dict[str, Array]:
+  r"""The ridge-regression coefficients of x on q, one fit per block (statistics along ``axis``).
+
+  With means :math:`\bar x`, :math:`\bar q` over the block's N entries (all
+  statistics divided by N) and the ridge penalty :math:`\lambda`:
+
+  * affine: :math:`\mathrm{slope} = \frac{\mathrm{Cov}(x,q)}{\mathrm{Var}(q)+\lambda}
+    = \frac{\overline{(x-\bar x)(q-\bar q)}}{\overline{(q-\bar q)^2}+\lambda}`,
+    and the dequantized block is :math:`g(q) = \mathrm{slope}\,(q - \bar q) + \bar x`;
+  * linear: :math:`\mathrm{slope} = \frac{\overline{q x}}{\overline{q q}+\lambda}`,
+    and :math:`g(q) = \mathrm{slope}\; q`.
+
   Differentiable in both x and q: the gradient flows through the statistics.
+
+  Args:
+    x: the blocks the fit approximates (the dense values, before sparsity).
+    q: their quantized values (:func:`ridge_quantize`), same shape.
+    lam: the ridge penalty lambda >= 0.
+    affine: the affine fit (default) or the linear, zero-mean one.
+    axis: the axis each block's entries run along.
+
+  Returns:
+    ``{"slope", "mean_q", "mean_x"}`` (affine) or ``{"slope"}`` (linear), each
+    with ``axis`` kept as size 1.
   """
   if affine:
     mx = jnp.mean(x, axis=axis, keepdims=True)
     mq = jnp.mean(q, axis=axis, keepdims=True)
     cov = jnp.mean((x - mx) * (q - mq), axis=axis, keepdims=True)
     var = jnp.mean(jnp.square(q - mq), axis=axis, keepdims=True)
-    return cov / (var + lam) * (q - mq) + mx
-  s = jnp.mean(q * x, axis=axis, keepdims=True) / (jnp.mean(q * q, axis=axis, keepdims=True) + lam)
-  return s * q
+    return {"slope": cov / (var + lam), "mean_q": mq, "mean_x": mx}
+  return {"slope": jnp.mean(q * x, axis=axis, keepdims=True) / (jnp.mean(q * q, axis=axis, keepdims=True) + lam)}
 
 
 def ridge_dequantize(
@@ -377,10 +432,10 @@ def ridge_dequantize(
   1. optional N:M sparsity before f: :math:`x_S = x + \mathrm{sg}(\mathrm{mask}\,x - x)`;
   2. :math:`q = f(x_S) + \mathrm{sg}(\mathrm{round}(f(x_S)) - f(x_S))` (see
      ``_quantize_with_detached_noise`` for the choice of f), pruned entries
-     set to 0 in q;
+     set to 0 in q (:func:`ridge_quantize`);
   3. affine: :math:`y = \frac{\mathrm{Cov}(x,q)}{\mathrm{Var}(q)+\lambda}(q - \bar q) + \bar x`;
      linear: :math:`y = \frac{\langle q,x\rangle}{\langle q,q\rangle+\lambda}\,q`,
-     fitted to the dense ``x``.
+     fitted to the dense ``x`` (:func:`ridge_fit`).
 
   Backward: plain autodiff through the statistics (never stopped), so the
   gradient depends on the quantization noise; ``lam > 0`` keeps it finite.
@@ -411,16 +466,9 @@ def ridge_dequantize(
         f"ridge_dequantize: block_size {block_size} must divide the contraction size {k}; "
         f"use block_size=None for one fit per output channel")
   blocks = xt.reshape((k // bs, bs) + xt.shape[1:])  # statistics along axis 1
-  nm = _parse_sparsity(sparsity)
-  xs = blocks
-  mask = None
-  if nm is not None:
-    mask = nm_sparsity_mask(blocks, *nm, axis=1)
-    xs = blocks + jax.lax.stop_gradient(mask * blocks - blocks)
-  q = _quantize_with_detached_noise(xs, bits, affine, axis=1)
-  if mask is not None:
-    q = q * mask
-  y = _ridge_fit(blocks, q, lam, affine, axis=1)
+  q = ridge_quantize(blocks, bits, affine=affine, sparsity=sparsity, axis=1)
+  fit = ridge_fit(blocks, q, lam, affine=affine, axis=1)
+  y = fit["slope"] * (q - fit["mean_q"]) + fit["mean_x"] if affine else fit["slope"] * q
   y = y.reshape((k,) + xt.shape[1:]).reshape(tuple(x.shape[a] for a in axes) + xt.shape[1:])
   return jnp.transpose(y, np.argsort(axes + tuple(rest))).astype(dtype)
 

@@ -20,17 +20,17 @@ file's header. Ridge kernels are counted as ``pack(..., exact=False)`` stores
 them (exact packing refuses them).
 
 MACs are counted from the model, not from a table: the forward pass is traced
-abstractly (``jax.eval_shape``, no computation) with every conv and dense call
-intercepted, and a layer's MACs are its output elements times its kernel's
-fan-in (``prod(kernel.shape[:-1])``; right for grouped and depthwise convs).
-Which layers are quantized, and how, comes from
-:func:`ricci_jax.models.layer_plan`.
+abstractly (:func:`ricci_jax.models.inspect.trace`: ``jax.eval_shape``, no
+computation) with every module call recorded, and a layer's MACs are its
+output elements times its kernel's fan-in (``prod(kernel.shape[:-1])``; right
+for grouped and depthwise convs). Which layers are quantized, and how, comes
+from the same trace (the model's own ``model.quant`` rule).
 
 Example::
 
-    print(rj.summary(model, variables["params"]))            # the model's own rule
-    print(rj.summary(model, params, config))                 # the training program's config
-    table = rj.summary(model, params, rule); table.to_dict()  # JSON-able
+    print(rj.summary(model, variables["params"]))                   # the model's own rule
+    print(rj.summary(train.build_model(config, 10)))                # the training program's model
+    table = rj.summary(model.clone(quant=rule), params); table.to_dict()  # JSON-able
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 
 from ricci_jax import export, models
 from ricci_jax.config import QuantConfig, TensorQuant
+from ricci_jax.models import inspect, serialization
 
 MAC_PRECISIONS = ("binary", "k-bit", "float")
 """The MAC classes, see the module docstring."""
@@ -78,8 +78,8 @@ class LayerSummary:
   mac_precision: str | None
 
   def to_dict(self) -> dict[str, Any]:
-    return {**dataclasses.asdict(self), "weight": export.tensor_quant_to_json(self.weight),
-            "act": export.tensor_quant_to_json(self.act)}
+    return {**dataclasses.asdict(self), "weight": serialization.tensor_quant_to_json(self.weight),
+            "act": serialization.tensor_quant_to_json(self.act)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,27 +160,8 @@ def _ratio(a: int, b: int) -> float:
 
 
 # ----------------------------------------------------------------------------
-# Tracing the forward pass.
+# The rows.
 # ----------------------------------------------------------------------------
-
-
-def _calls(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, dict[str, Any]]:
-  """Every module the forward pass calls, by path, in call order, with conv / dense output shapes."""
-  calls: dict[str, dict[str, Any]] = {}
-
-  def record(next_fun, args, kwargs, context):
-    if context.method_name != "__call__":
-      return next_fun(*args, **kwargs)
-    mod = context.module
-    entry = calls.setdefault("/".join(mod.path), {"module": mod})
-    out = next_fun(*args, **kwargs)
-    if isinstance(mod, (nn.Conv, nn.Dense)) and "out_shape" not in entry:
-      entry["out_shape"] = tuple(out.shape)
-    return out
-
-  with nn.intercept_methods(record):
-    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), export.example_input(input_shape))
-  return calls
 
 
 def _pair(value: Any, n: int) -> tuple[int, ...]:
@@ -217,27 +198,18 @@ def mac_precision(config: QuantConfig | None) -> str:
   return "binary" if max(w, a) == 1 else "k-bit"
 
 
-def _zoo_name(model: nn.Module) -> str:
-  for name, info in models.MODELS.items():
-    if type(model) is info.cls and all(getattr(model, k, None) == v for k, v in info.fixed.items()):
-      return name
-  return type(model).__name__
-
-
-def summary(model: nn.Module | None, params: Any = None, config: Any = None, *, batch_stats: Any = None,
+def summary(model: nn.Module, params: Any = None, *, batch_stats: Any = None,
             input_shape: tuple[int, ...] | None = None) -> Summary:
   """Per-layer quantization, parameters, memory (float32 and packed) and MACs of a model.
 
   Args:
-    model: the model (e.g. from :func:`ricci_jax.models.create`); ``None``
-      with a training config: the model that config builds.
+    model: the model (e.g. from :func:`ricci_jax.models.create`, or the
+      training program's ``ricci_jax.train.build_model(config, num_classes)``),
+      quantized as its own ``model.quant`` rule says (another rule:
+      ``model.clone(quant=rule)``).
     params: its parameters (checked against the model: shapes must match), a
       variables dict or a training checkpoint; ``None`` counts from the
       model's abstract shapes.
-    config: how the model is quantized: ``None`` (the model's own
-      ``model.quant``), a :class:`~ricci_jax.models.QuantRule` (the model with
-      that rule), or the training program's ``ml_collections`` config (the
-      model must be the architecture it builds; its rule is used).
     batch_stats: BatchNorm statistics, if not in ``params`` (only checked;
       their count comes from the model).
     input_shape: one example's shape, for a model outside the zoo.
@@ -246,20 +218,28 @@ def summary(model: nn.Module | None, params: Any = None, config: Any = None, *, 
     A :class:`Summary`; ``print`` it for the table.
 
   Raises:
-    ricci_jax.export.ExportError: parameters that do not match the model, or
-      a config that is not the model's.
+    ricci_jax.export.ExportError: not a model, parameters that do not match
+      the model, or a model outside the zoo without ``input_shape``.
   """
-  model = export.resolve_model(config, model)
-  shape = export.input_shape_for(model, config, input_shape)
+  if not isinstance(model, nn.Module):
+    raise export.ExportError(
+        f"summary(model, params) takes the model (a flax.linen.Module), got {type(model).__name__}; for the "
+        "training program's config, build its model first: ricci_jax.train.build_model(config, num_classes)")
+  try:
+    shape = models.input_shape_for(model, input_shape)
+  except ValueError as e:  # a model outside the zoo
+    raise export.ExportError(str(e)) from None
   if params is not None:
-    params, batch_stats = export.split_variables(params, batch_stats)
-    export.check_variables(model, shape, params, batch_stats, require_stats=False)
-  abstract = export.abstract_variables(model, shape)
-  flat_params = export.flatten(abstract.get("params"))
-  stats = [v for v in export.flatten(abstract.get("batch_stats")).values()]
-  plan = models.layer_plan(model, export.example_input(shape), train=False)
-  calls = _calls(model, shape)
-  dtype = export.compute_dtype(model)
+    try:
+      params, batch_stats = inspect.split_variables(params, batch_stats)
+      inspect.check_variables(model, shape, params, batch_stats, require_stats=False)
+    except inspect.VariablesError as e:
+      raise export.ExportError(str(e)) from None
+  abstract = inspect.abstract_variables(model, shape)
+  flat_params = inspect.flatten(abstract.get("params"))
+  stats = [v for v in inspect.flatten(abstract.get("batch_stats")).values()]
+  calls = inspect.trace(model, inspect.example_input(shape), train=False).calls
+  dtype = inspect.compute_dtype(model)
 
   owners: dict[str, list[str]] = {}
   for path in flat_params:
@@ -270,7 +250,8 @@ def summary(model: nn.Module | None, params: Any = None, config: Any = None, *, 
   for owner in sorted(owners, key=lambda p: (order.get(p, len(order)), p)):
     leaves = {leaf: tuple(flat_params[f"{owner}/{leaf}"].shape) for leaf in owners[owner]}
     itemsize = {leaf: flat_params[f"{owner}/{leaf}"].dtype.itemsize for leaf in owners[owner]}
-    config_ = plan.get(owner)
+    call = calls.get(owner)
+    config_ = call.config if call is not None else None
     weight = config_.weight if config_ is not None else None
     kernel = leaves.get("kernel")
     packed = 0
@@ -278,21 +259,20 @@ def summary(model: nn.Module | None, params: Any = None, config: Any = None, *, 
       spec = weight if leaf == "kernel" else None
       packed += export.packed_nbytes(leaf_shape, spec, dtype) if spec is not None else (
           math.prod(leaf_shape) * itemsize[leaf])
-    entry = calls.get(owner, {})
     macs, precision = 0, None
-    if kernel is not None and "out_shape" in entry:
-      macs = math.prod(entry["out_shape"][1:]) * math.prod(kernel[:-1])
+    if kernel is not None and call is not None and call.is_layer and call.output_shape is not None:
+      macs = math.prod(call.output_shape[1:]) * math.prod(kernel[:-1])
       precision = mac_precision(config_)
     count = sum(math.prod(s) for s in leaves.values())
     row = LayerSummary(
-        name=owner, type=_type(entry.get("module"), kernel), weight=weight,
+        name=owner, type=_type(call.module if call is not None else None, kernel), weight=weight,
         act=config_.act if config_ is not None else None, params=count,
         kernel_params=math.prod(kernel) if kernel is not None else 0, float32_bytes=4 * count,
         packed_bytes=packed, macs=macs, mac_precision=precision)
     rows.append(row)
   return Summary(
-      model=_zoo_name(model), input_shape=tuple(shape), dtype=dtype.name, rows=tuple(rows),
-      stats_count=sum(math.prod(s.shape) for s in stats),
+      model=models.name_of(model) or type(model).__name__, input_shape=tuple(shape), dtype=dtype.name,
+      rows=tuple(rows), stats_count=sum(math.prod(s.shape) for s in stats),
       stats_bytes=sum(math.prod(s.shape) * s.dtype.itemsize for s in stats))
 
 

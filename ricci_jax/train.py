@@ -437,7 +437,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   variables, kernels, mask = _init_variables(config, model, train_ds)
   if config.init_from:
     variables = _load_init(config, variables)
-  model_summary = summarize_model(model, variables, config)
+  model_summary = summarize_model(model, variables, input_shape=tuple(train_ds.image_shape))
   placement = _Placement(config.pmap)
   use_rf = config.optimizer.name == "rf_sgd"
   program, state = build_program(config, model, variables, mask, steps_per_epoch,

@@ -11,8 +11,8 @@ import pytest
 
 import ricci_jax as rj
 from experiments.configs import presets
-from ricci_jax import export, layers, models
-from ricci_jax.models import QuantRule
+from ricci_jax import export, layers, models, train
+from ricci_jax.models import QuantRule, inspect
 
 W1 = rj.TensorQuant(bits=1, estimator="clipped_ste")
 
@@ -102,7 +102,7 @@ def _mixed_mlp():
 
 def test_pack_stores_quantized_kernels_packed_and_the_rest_as_it_is(tmp_path):
   model = _mixed_mlp()
-  variables = export.random_variables(model, (28, 28, 1))
+  variables = inspect.random_variables(model, (28, 28, 1))
   packed = export.pack(variables, model)
   kinds = {k: t.kind for k, t in packed.tensors.items() if k.endswith("kernel")}
   assert kinds == {"params/dense_init/kernel": "float", "params/dense1/kernel": "levels",
@@ -139,7 +139,7 @@ def test_pack_stores_quantized_kernels_packed_and_the_rest_as_it_is(tmp_path):
 def test_a_binarized_resnet20_packs_to_its_real_bit_width():
   """Binary inner kernels, float first and last layers and BatchNorm: 1/22 of float32 with the statistics."""
   model = models.create("resnet20", num_classes=10, quant=QuantRule(layers="inner", weight=W1))
-  variables = export.random_variables(model, (32, 32, 3))
+  variables = inspect.random_variables(model, (32, 32, 3))
   packed = export.pack(variables, model)
   binary = 267_264  # inner conv weights
   floats = 432 + 650 + 1_376  # conv_init, head, BN scale and bias
@@ -157,48 +157,48 @@ def test_a_binarized_resnet20_packs_to_its_real_bit_width():
 
 
 # ----------------------------------------------------------------------------
-# Config forms and mismatches
+# The model, and mismatches
 # ----------------------------------------------------------------------------
 
 
-def test_the_config_may_be_the_training_config_a_rule_or_the_model():
+def test_pack_takes_the_model_and_its_rule():
+  """The training program's model is built by train.build_model; a float model packs as its quantized twin."""
   config = presets.fashion_mnist("clipped_ste", model="lenet5")
-  model = export.resolve_model(config)
+  model = train.build_model(config, num_classes=10)
   assert model.quant == QuantRule(layers="inner", weight=W1)
-  float_model = models.create("lenet5", num_classes=10)
-  assert export.resolve_model(config, float_model).quant == model.quant  # the config's rule wins
-  assert export.resolve_model(model.quant, float_model).quant == model.quant
-  assert export.resolve_model(None, model) is model
-  with pytest.raises(export.ExportError, match="pass the model too"):
-    export.resolve_model(model.quant)
-  with pytest.raises(export.ExportError, match="the config builds LeNet5.*but the model passed is a MLP"):
-    export.resolve_model(config, models.create("mlp", num_classes=10))
-  with pytest.raises(export.ExportError, match="not the one the config builds: order='conv_relu_bn'"):
-    export.resolve_model(config, models.create("lenet5", num_classes=10, order="conv_relu_bn"))
-  with pytest.raises(export.ExportError, match="config must be the training program's"):
-    export.resolve_model({"weight_bits": 1}, model)
+  variables = inspect.random_variables(model, (28, 28, 1))
+  packed = export.pack(variables, model)
+  twin = export.pack(variables, models.create("lenet5", num_classes=10).clone(quant=model.quant))
+  assert packed.model == twin.model and list(packed.tensors) == list(twin.tensors)
+  assert [k for k in packed.quantized()] == ["params/conv1/kernel", "params/dense1/kernel", "params/dense2/kernel"]
+  with pytest.raises(export.ExportError, match=r"takes the model .* got ConfigDict.*train.build_model"):
+    export.pack(variables, config)
+  with pytest.raises(export.ExportError, match="got QuantRule"):
+    export.pack(variables, model.quant)
 
 
-def test_params_that_do_not_match_the_config_are_refused():
-  config = presets.fashion_mnist("clipped_ste", model="lenet5")
+def test_params_that_do_not_match_the_model_are_refused():
+  model = train.build_model(presets.fashion_mnist("clipped_ste", model="lenet5"), num_classes=10)
   mlp = models.create("mlp", num_classes=10, quant=QuantRule(weight=W1))
   with pytest.raises(export.ExportError, match=r"do not match the model \(LeNet5.*params missing \[.*conv1/kernel"):
-    export.pack(export.random_variables(mlp, (28, 28, 1)), config)
-  wide = export.random_variables(models.create("lenet5", num_classes=12), (28, 28, 1))
+    export.pack(inspect.random_variables(mlp, (28, 28, 1)), model)
+  wide = inspect.random_variables(models.create("lenet5", num_classes=12), (28, 28, 1))
   with pytest.raises(export.ExportError,
                      match=r"wrong shapes: \[head/bias \(12,\) \(expected \(10,\)\), head/kernel \(84, 12\)"):
-    export.pack(wide, config)
-  lenet = export.random_variables(export.resolve_model(config), (28, 28, 1))
+    export.pack(wide, model)
+  lenet = inspect.random_variables(model, (28, 28, 1))
   with pytest.raises(export.ExportError, match="BatchNorm statistics .* none were given"):
-    export.pack(lenet["params"], config)
+    export.pack(lenet["params"], model)
   extra = {**lenet, "params": {**lenet["params"], "dense9": {"kernel": np.zeros((2, 2), np.float32)}}}
   with pytest.raises(export.ExportError, match=r"params not in the model \[dense9/kernel\]"):
-    export.pack(extra, config)
+    export.pack(extra, model)
   ints = {**lenet, "params": {**lenet["params"], "head": {"kernel": np.zeros((84, 10), np.int32),
                                                           "bias": lenet["params"]["head"]["bias"]}}}
   with pytest.raises(export.ExportError, match="head/kernel has dtype int32"):
-    export.pack(ints, config)
-  packed = export.pack(lenet["params"], config, batch_stats=lenet["batch_stats"])  # the separate form works
+    export.pack(ints, model)
+  with pytest.raises(export.ExportError, match="batch_stats given twice"):
+    export.pack(lenet, model, batch_stats=lenet["batch_stats"])
+  packed = export.pack(lenet["params"], model, batch_stats=lenet["batch_stats"])  # the separate form works
   assert packed.tensors["params/conv1/kernel"].kind == "levels"
 
 
@@ -211,7 +211,7 @@ def test_params_that_do_not_match_the_config_are_refused():
 def packed_file(tmp_path_factory):
   model = models.create("mlp", num_classes=10, quant=QuantRule(weight=rj.TensorQuant(bits=3)), hidden=(21, 16))
   path = tmp_path_factory.mktemp("packed") / "mlp.npz"
-  export.save(export.pack(export.random_variables(model, (28, 28, 1)), model), path)
+  export.save(export.pack(inspect.random_variables(model, (28, 28, 1)), model), path)
   return path
 
 

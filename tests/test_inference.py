@@ -10,7 +10,7 @@ import pytest
 import ricci_jax as rj
 from experiments.configs import presets
 from ricci_jax import data, export, inference, models, train, train_config
-from ricci_jax.models import QuantRule
+from ricci_jax.models import QuantRule, inspect
 
 FASHION = pathlib.Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(
@@ -26,11 +26,16 @@ def _calibrated(model, variables, images):
   return {**variables, "batch_stats": jax.device_get(updates["batch_stats"])}
 
 
+def _training_forward(model):
+  """The training model's eval-mode logits: the reference every packed variant must equal."""
+  return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+
+
 def _assert_served_exactly(packed, model, variables, images, tmp_path, modes=("on_the_fly",), xnor=None):
   """The packed model, through its file, gives exactly the training model's eval logits."""
   path = tmp_path / "model.npz"
   export.save(packed, path)
-  want = np.asarray(inference.training_forward(model)(inference.device_variables(variables), images))
+  want = np.asarray(_training_forward(model)(inference.device_variables(variables), images))
   assert np.all(np.isfinite(want)) and np.min(np.std(want, axis=0)) > 1e-3  # logits vary with the input
   for mode in modes:
     predictor = inference.Predictor(path, unpack=mode)
@@ -55,11 +60,11 @@ def test_a_lenet5_trained_by_the_training_program_serves_exactly_on_real_fashion
       "log_every_steps=4"])
   train.train(config, tmp_path / "run")
   checkpoint = train.load_checkpoint(tmp_path / "run")
-  packed = export.pack(checkpoint, config)  # params and batch_stats from the checkpoint
+  model = train.build_model(config, num_classes=10)
+  packed = export.pack(checkpoint, model)  # params and batch_stats from the checkpoint
   assert [k for k in packed.quantized()] == ["params/conv1/kernel", "params/dense1/kernel", "params/dense2/kernel"]
   assert all(t.spec.scale == "tensor" and "scale" in t.arrays for t in packed.quantized().values())
   images, labels = _fashion_images(128)
-  model = export.resolve_model(config)
   logits = _assert_served_exactly(packed, model, checkpoint, images, tmp_path)
   assert np.mean(np.argmax(logits, -1) == labels) > 0.3  # trained: chance is 0.1
 
@@ -75,7 +80,7 @@ def test_a_lenet5_trained_by_the_training_program_serves_exactly_on_real_fashion
 ])
 def test_quantized_activations_and_every_kernel_format_serve_exactly(tmp_path, name, rule, kwargs):
   model = models.create("mlp", num_classes=10, quant=rule, hidden=(64, 48), **kwargs)
-  variables = export.random_variables(model, (28, 28, 1))
+  variables = inspect.random_variables(model, (28, 28, 1))
   images, _ = _fashion_images(64)
   _assert_served_exactly(export.pack(variables, model), model, variables, images, tmp_path,
                          modes=("on_the_fly", "once"))
@@ -87,7 +92,7 @@ def test_xor_popcount_layers_serve_exactly_on_real_fashion_mnist(tmp_path):
   rule = QuantRule(weight=rj.TensorQuant(bits=1), act=rj.TensorQuant(bits=1, estimator="ste"))
   model = models.create("lenet5", num_classes=10, quant=rule, order="conv_relu_bn")
   images, _ = _fashion_images(64)
-  variables = _calibrated(model, export.random_variables(model, (28, 28, 1)), images)
+  variables = _calibrated(model, inspect.random_variables(model, (28, 28, 1)), images)
   packed = export.pack(variables, model)
   _assert_served_exactly(packed, model, variables, images, tmp_path, modes=("on_the_fly", "once"),
                          xnor=["conv1", "dense1", "dense2"])
@@ -99,14 +104,14 @@ def test_xor_popcount_layers_serve_exactly_on_real_fashion_mnist(tmp_path):
 def test_ridge_packed_inexactly_serves_close(tmp_path):
   rule = QuantRule(weight=rj.TensorQuant(bits=2, method="ridge", estimator="ste", ridge_block_size=None))
   model = models.create("mlp", num_classes=10, quant=rule, hidden=(32, 24))
-  variables = export.random_variables(model, (28, 28, 1))
+  variables = inspect.random_variables(model, (28, 28, 1))
   with pytest.raises(export.ExportError, match="cannot be packed exactly"):
     export.pack(variables, model)
   packed = export.pack(variables, model, exact=False)
   export.save(packed, tmp_path / "ridge.npz")
   assert not export.load(tmp_path / "ridge.npz").exact
   x = np.random.default_rng(0).normal(size=(8, 28, 28, 1)).astype(np.float32)
-  want = inference.training_forward(model)(inference.device_variables(variables), x)
+  want = _training_forward(model)(inference.device_variables(variables), x)
   np.testing.assert_allclose(inference.Predictor(tmp_path / "ridge.npz")(x), want, rtol=1e-4, atol=1e-4)
 
 
@@ -116,20 +121,20 @@ def test_a_binarized_resnet_serves_exactly_on_mock_cifar10(tmp_path, which):
   xnor = None
   if which == "paper_config":  # the training program's config: every layer's weights binarized
     config = presets.cifar_paper("cifar10", "resnet20", method="rfdnn")
-    model = export.resolve_model(config)
+    model = train.build_model(config, num_classes=10)
   elif which == "reste_w1a1":  # ReSTE's resnet20_1w1a: inner layers W1A1 with the mean|W| scale
-    config = QuantRule(weight=rj.TensorQuant(bits=1, estimator="reste", scale="tensor"),
-                       act=rj.TensorQuant(bits=1, estimator="reste"))
-    model = models.create("resnet20", num_classes=10, quant=config, order="conv_relu_bn")
+    rule = QuantRule(weight=rj.TensorQuant(bits=1, estimator="reste", scale="tensor"),
+                     act=rj.TensorQuant(bits=1, estimator="reste"))
+    model = models.create("resnet20", num_classes=10, quant=rule, order="conv_relu_bn")
   else:  # W1A1 without a scale: XOR-popcount convs, strided and padded (ResNet-8: one block per stage)
-    config = QuantRule(weight=rj.TensorQuant(bits=1), act=rj.TensorQuant(bits=1))
-    model = models.CifarResNet(depth=8, quant=config, order="conv_relu_bn")
+    rule = QuantRule(weight=rj.TensorQuant(bits=1), act=rj.TensorQuant(bits=1))
+    model = models.CifarResNet(depth=8, quant=rule, order="conv_relu_bn")
     xnor = [f"stage{s}_block0_conv{c}" for s in (1, 2, 3) for c in (1, 2)]
   with tfds.testing.mock_data(num_examples=16):
     batch = next(iter(data.load("cifar10", "test", batch_size=16, source="tfds").epoch(0)))
   images = data.preprocess("cifar10", batch["image"])
-  variables = _calibrated(model, export.random_variables(model, (32, 32, 3)), images)
-  packed = export.pack(variables, config, model=model if which != "paper_config" else None)
+  variables = _calibrated(model, inspect.random_variables(model, (32, 32, 3)), images)
+  packed = export.pack(variables, model)
   assert len(packed.quantized()) == {"paper_config": 20, "reste_w1a1": 18, "xnor_w1a1": 6}[which]
   _assert_served_exactly(packed, model, variables, images, tmp_path, xnor=xnor)
 
@@ -138,7 +143,7 @@ def test_the_serving_model_quantizes_inputs_only():
   rule = QuantRule(weight=rj.TensorQuant(bits=1), act=rj.TensorQuant(bits=1))
   model = models.create("resnet20", num_classes=10, quant=rule, order="conv_relu_bn")
   serving = inference.serving_model(model, (32, 32, 3))
-  x = export.example_input((32, 32, 3))
+  x = inspect.example_input((32, 32, 3))
   assert rj.quantized_kernels(serving, x, train=False) == {}
   plan = models.layer_plan(serving, x, train=False)
   assert plan["conv_init"] is None and plan["head"] is None

@@ -192,6 +192,31 @@ def test_ridge_forward_is_the_closed_form(bits, affine):
   np.testing.assert_allclose(y, _ridge_reference(xd, q, 0.01, affine), rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_ridge_fit_gives_the_closed_form_coefficients_and_the_forward_uses_them(affine):
+  """ridge_quantize + ridge_fit: the integer grid and the per-block coefficients of ridge_dequantize."""
+  x = jax.random.normal(jax.random.key(6), (2, 32, 3)) + 0.3  # two blocks of 32 along axis 1
+  q = np.asarray(rj.quantizers.ridge_quantize(x, 3, affine=affine, axis=1))
+  grid = q if affine else q + 3.5
+  assert np.array_equal(grid, np.round(grid)) and grid.min() >= 0 and grid.max() <= 7
+  fit = {k: np.asarray(v) for k, v in rj.quantizers.ridge_fit(x, jnp.asarray(q), 0.01, affine=affine, axis=1).items()}
+  xd, qd = np.asarray(x, np.float64), np.asarray(q, np.float64)
+  if affine:
+    assert set(fit) == {"slope", "mean_q", "mean_x"}
+    mx, mq = xd.mean(1, keepdims=True), qd.mean(1, keepdims=True)
+    slope = ((xd - mx) * (qd - mq)).mean(1, keepdims=True) / (((qd - mq) ** 2).mean(1, keepdims=True) + 0.01)
+    np.testing.assert_allclose(fit["mean_x"], mx, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fit["mean_q"], mq, rtol=1e-5, atol=1e-6)
+    y = fit["slope"] * (q - fit["mean_q"]) + fit["mean_x"]
+  else:
+    assert set(fit) == {"slope"}
+    slope = (qd * xd).mean(1, keepdims=True) / ((qd * qd).mean(1, keepdims=True) + 0.01)
+    y = fit["slope"] * q
+  np.testing.assert_allclose(fit["slope"], slope, rtol=1e-5, atol=1e-6)
+  want = rj.ridge_dequantize(jnp.moveaxis(x, 1, 0).reshape(32, 2 * 3), 3, axis=0, block_size=None, affine=affine)
+  np.testing.assert_allclose(np.moveaxis(y, 1, 0).reshape(32, 6), want, rtol=1e-5, atol=1e-6)
+
+
 def test_ridge_reduces_quantization_error_against_plain_rounding():
   w = jax.random.normal(jax.random.key(6), (256, 16))
   y = rj.ridge_dequantize(w, 2, axis=0, block_size=128)

@@ -10,7 +10,7 @@ import pytest
 
 import ricci_jax as rj
 from experiments.configs import presets
-from ricci_jax import export, models
+from ricci_jax import export, models, train
 from ricci_jax.models import QuantRule
 
 SNAPSHOTS = pathlib.Path(__file__).resolve().parent / "snapshots"
@@ -39,7 +39,7 @@ def test_snapshot_resnet20_w1a1_reste():
 def test_snapshot_resnet20_the_training_programs_paper_config():
   """The RF-DNN CIFAR row: every layer's weights binarized, float activations."""
   config = presets.cifar_paper("cifar10", "resnet20", method="rfdnn")
-  _check_snapshot("summary_resnet20_w1a32_rfdnn_all.txt", rj.summary(None, None, config).text())
+  _check_snapshot("summary_resnet20_w1a32_rfdnn_all.txt", rj.summary(train.build_model(config, 10)).text())
 
 
 def test_resnet20_totals_match_the_architecture():
@@ -97,17 +97,17 @@ def test_packed_bytes_are_what_pack_stores():
   assert s.packed_bytes + s.stats_bytes == packed.nbytes
 
 
-def test_config_forms_agree_and_mismatches_are_refused():
+def test_the_model_and_its_rule_decide_and_mismatches_are_refused():
   config = presets.fashion_mnist("reste", model="lenet5")
-  built = export.resolve_model(config)
+  built = train.build_model(config, 10)
   float_model = models.create("lenet5", num_classes=10)
-  text = rj.summary(None, None, config).text()
-  assert rj.summary(float_model, None, config).text() == text
-  assert rj.summary(float_model, None, built.quant).text() == text
-  assert rj.summary(built).text() == text
+  text = rj.summary(built).text()
+  assert rj.summary(float_model.clone(quant=built.quant)).text() == text
+  assert rj.summary(built, input_shape=(28, 28, 1)).text() == text
   assert "uniform/reste           -                       tensor" in text
-  with pytest.raises(export.ExportError, match="not the one the config builds"):
-    rj.summary(models.create("lenet5", num_classes=10, dtype=np.float16), None, config)
+  assert rj.summary(float_model).text() != text
+  with pytest.raises(export.ExportError, match=r"takes the model .* got ConfigDict.*train.build_model"):
+    rj.summary(config)
   mlp_params = jax.eval_shape(lambda x: models.create("mlp", num_classes=10).init(jax.random.key(0), x, train=False),
                               jax.ShapeDtypeStruct((1, 28, 28, 1), np.float32))["params"]
   with pytest.raises(export.ExportError, match="do not match the model"):

@@ -50,7 +50,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ricci_jax.models.common import ORDERS, layer_plan, shortcut_a, unused_overrides
+from ricci_jax.models.common import ORDERS, shortcut_a
+from ricci_jax.models.inspect import layer_plan, unused_overrides
 from ricci_jax.models.mnist import MLP, LeNet5
 from ricci_jax.models.mobilenet import MobileNetV1
 from ricci_jax.models.resnet_cifar import CifarResNet
@@ -103,6 +104,29 @@ def _info(name: str) -> ModelInfo:
 def input_shape(name: str) -> tuple[int, int, int]:
   """One example's input shape (H, W, C) for model ``name`` (e.g. (32, 32, 3))."""
   return _info(name).input_shape
+
+
+def name_of(model: nn.Module) -> str | None:
+  """The zoo name of ``model`` (``"resnet20"``): its class and the attributes the name fixes; ``None`` outside the zoo."""
+  for name, info in MODELS.items():
+    if type(model) is info.cls and all(getattr(model, k, None) == v for k, v in info.fixed.items()):
+      return name
+  return None
+
+
+def input_shape_for(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
+  """One example's input shape for ``model``: ``input_shape`` if given, else the zoo's for its class.
+
+  Raises:
+    ValueError: no ``input_shape`` and a model outside the zoo (or a class
+      registered with several input shapes).
+  """
+  if input_shape is not None:
+    return tuple(int(d) for d in input_shape)
+  shapes = {info.input_shape for info in MODELS.values() if type(model) is info.cls}
+  if len(shapes) == 1:
+    return shapes.pop()
+  raise ValueError(f"{type(model).__name__} is not a model of ricci_jax.models: pass input_shape=(H, W, C)")
 
 
 def create(
@@ -173,7 +197,9 @@ __all__ = [
     "VGGSmall",
     "create",
     "input_shape",
+    "input_shape_for",
     "layer_plan",
+    "name_of",
     "shortcut_a",
     "unused_overrides",
 ]

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from ricci_jax.config import QuantConfig
-from ricci_jax.layers import QuantConv, QuantConvGeneralDilated, QuantDense, QuantDotGeneral
+from ricci_jax.layers import QuantConv, QuantDense
 from ricci_jax.models.rules import QuantRule, resolve
 
 Array = jax.Array
@@ -180,49 +180,6 @@ def classifier(m: nn.Module, x: Array, train: bool, head_norm: bool = False) -> 
   if head_norm:
     x = norm(m, "head_bn", train)(x)
   return dense(m, "head", "last", m.num_classes, use_bias=True)(x)
-
-
-# ----------------------------------------------------------------------------
-# Inspection: which layers a model has, and what the rule gives each.
-# ----------------------------------------------------------------------------
-
-
-def layer_plan(model: nn.Module, *args, **kwargs) -> dict[str, QuantConfig | None]:
-  """Every conv / dense layer of ``model``, by ``/``-joined path, with its config.
-
-  Traces ``model.init`` abstractly (no computation), so it is cheap even for
-  ImageNet models. Arguments are those of ``model.init`` after the rng, e.g.
-  ``layer_plan(model, jnp.zeros((1, 32, 32, 3)), train=False)``. A float
-  layer maps to ``None``.
-  """
-  plan: dict[str, QuantConfig | None] = {}
-  quantized: dict[str, QuantConfig] = {}
-
-  def record(next_fun, call_args, call_kwargs, context):
-    mod = context.module
-    if context.method_name == "__call__":
-      if isinstance(mod, (nn.Conv, nn.Dense)):
-        plan.setdefault("/".join(mod.path), None)
-      if isinstance(mod, (QuantConvGeneralDilated, QuantDotGeneral)):
-        quantized["/".join(mod.path[:-1])] = mod.config
-    return next_fun(*call_args, **call_kwargs)
-
-  with nn.intercept_methods(record):
-    jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a, **kwargs), *args)
-  return {name: quantized.get(name) for name in plan}
-
-
-def unused_overrides(model: nn.Module, *args, **kwargs) -> list[str]:
-  """The ``model.quant.overrides`` patterns that decide none of its layers.
-
-  Arguments as for :func:`layer_plan`. Layers are matched by their name in the
-  model (the last path component).
-  """
-  rule = getattr(model, "quant", None)
-  if rule is None or not rule.overrides:
-    return []
-  names = [path.split("/")[-1] for path in layer_plan(model, *args, **kwargs)]
-  return rule.unused_overrides(names)
 
 
 def as_tuple(values: Sequence[int] | int) -> tuple[int, ...]:

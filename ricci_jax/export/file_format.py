@@ -1,0 +1,191 @@
+"""The packed file: :func:`save` and :func:`load`, with every check a reader can make.
+
+An uncompressed ``.npz`` with two members: ``header``, zlib-compressed UTF-8
+JSON (format name, version, the model's description, and every tensor's kind,
+shape, dtype, quantizer and byte ranges), and ``data``, every array's
+little-endian bytes back to back. The header records the data's length and
+CRC-32 and each array's offset and length; a file of another version, a
+truncated or corrupted file, or packed words with bits set past the last value
+fail with a clear :class:`~ricci_jax.export.PackedFileError`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import zipfile
+import zlib
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from ricci_jax.export.bits import num_words, word_layout
+from ricci_jax.export.errors import PackedFileError
+from ricci_jax.export.tensors import KINDS, Packed, PackedTensor, ridge_blocks
+from ricci_jax.models import serialization
+
+FORMAT = "ricci_jax.packed"
+"""The ``format`` field of every packed file's header."""
+
+VERSION = 1
+"""The file format version this module writes and reads."""
+
+
+def _tensor_header(tensor: PackedTensor) -> dict[str, Any]:
+  return {"kind": tensor.kind, "shape": list(tensor.shape), "dtype": tensor.dtype,
+          "spec": serialization.tensor_quant_to_json(tensor.spec), "exact": tensor.exact}
+
+
+def save(packed: Packed, path: Any) -> int:
+  """Writes ``packed`` to ``path`` (an uncompressed ``.npz``, see the module docstring).
+
+  Returns:
+    The file's size in bytes.
+  """
+  chunks, entries, offset = [], {}, 0
+  for key, tensor in packed.tensors.items():
+    arrays = []
+    for name, value in tensor.arrays.items():
+      value = np.asarray(value)
+      data = value.astype(value.dtype.newbyteorder("<"), copy=False).tobytes()
+      arrays.append([name, value.dtype.name, list(value.shape), offset, len(data)])
+      chunks.append(data)
+      offset += len(data)
+    entries[key] = {**_tensor_header(tensor), "arrays": arrays}
+  blob = b"".join(chunks)
+  header = {
+      "format": FORMAT, "version": VERSION, "model": packed.model, "input_shape": list(packed.input_shape),
+      "tensors": entries, "data": {"nbytes": len(blob), "crc32": zlib.crc32(blob)},
+  }
+  text = json.dumps(header, separators=(",", ":"), sort_keys=False).encode("utf-8")
+  members = {"header": np.frombuffer(zlib.compress(text, 9), np.uint8),
+             "data": np.frombuffer(blob, np.uint8)}
+  buffer = io.BytesIO()
+  np.savez(buffer, **members)
+  payload = buffer.getvalue()
+  with open(path, "wb") as f:
+    f.write(payload)
+  return len(payload)
+
+
+def _read(path: Any) -> tuple[dict[str, Any], bytes]:
+  """The checked header (format, version) and the data (length, CRC-32) of a packed file."""
+  where = str(path)
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise PackedFileError(f"cannot read {where!r}: {e}") from None
+  try:
+    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+      names = set(z.files)
+      if names != {"header", "data"}:
+        raise PackedFileError(f"{where!r} is a .npz but not a packed model: it holds {sorted(names)}, "
+                              "a packed file holds ['data', 'header']")
+      header_bytes, blob = z["header"], z["data"]
+  except PackedFileError:
+    raise
+  except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as e:
+    raise PackedFileError(
+        f"{where!r} ({len(raw)} bytes) is not a complete packed model: the .npz archive cannot be read "
+        f"({type(e).__name__}: {e}); the file is truncated, corrupted or of another kind") from None
+  try:
+    header = json.loads(zlib.decompress(header_bytes.tobytes()).decode("utf-8"))
+  except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise PackedFileError(f"{where!r}: the header cannot be decoded ({e}); the file is corrupted") from None
+  if not isinstance(header, dict) or header.get("format") != FORMAT:
+    raise PackedFileError(f"{where!r} is not a {FORMAT} file (format {header.get('format')!r})"
+                          if isinstance(header, dict) else f"{where!r}: the header is not a JSON object")
+  if header.get("version") != VERSION:
+    raise PackedFileError(
+        f"{where!r} was written in {FORMAT} format version {header.get('version')!r}; this ricci_jax reads "
+        f"version {VERSION} only. Re-export it with the ricci_jax that trained the model.")
+  blob = blob.tobytes()
+  expect = header["data"]
+  if len(blob) != expect["nbytes"]:
+    raise PackedFileError(f"{where!r}: the data holds {len(blob)} bytes but the header says {expect['nbytes']}: "
+                          "the file is truncated or corrupted")
+  if zlib.crc32(blob) != expect["crc32"]:
+    raise PackedFileError(f"{where!r}: the data's CRC-32 does not match the header's: the file is corrupted")
+  return header, blob
+
+
+def _check_words(key: str, tensor: PackedTensor) -> None:
+  words = tensor.arrays["words"]
+  bits = tensor.spec.bits
+  dtype, per = word_layout(bits)
+  if words.dtype != dtype or words.shape != (num_words(tensor.size, bits),):
+    raise PackedFileError(f"{key}: {tensor.size} values of {bits} bits need {num_words(tensor.size, bits)} "
+                          f"{dtype.name} words, the file has {words.shape} {words.dtype.name}")
+  width = 8 * dtype.itemsize
+  if per * bits < width and np.any(words >> np.asarray(per * bits, dtype)):
+    raise PackedFileError(f"{key}: bits are set outside the packed values (above bit {per * bits} of a word); "
+                          "the file is corrupted")
+  used = tensor.size - (words.size - 1) * per
+  if words.size and used < per and int(words[-1]) >> (used * bits):
+    raise PackedFileError(f"{key}: bits are set outside the packed values (past the last value of the last "
+                          "word); the file is corrupted")
+
+
+def _expected_arrays(tensor: PackedTensor) -> dict[str, tuple[tuple[int, ...], str]]:
+  """Shape and dtype of every array a tensor of this kind, shape and spec must have."""
+  if tensor.kind == "float":
+    return {"value": (tuple(tensor.shape), tensor.dtype)}
+  spec = tensor.spec
+  dtype, _ = word_layout(spec.bits)
+  out = {"words": ((num_words(tensor.size, spec.bits),), dtype.name)}
+  if tensor.kind == "ridge":
+    blocks, _, n_out = ridge_blocks(tensor.shape, spec)
+    names = ("slope", "mean_q", "mean_x") if spec.ridge_affine else ("slope",)
+    out.update({n: ((blocks, 1, n_out), "float32") for n in names})
+  if spec.scale == "tensor":
+    out["scale"] = ((), tensor.dtype)
+  elif spec.scale == "channel":
+    out["scale"] = ((1,) * (len(tensor.shape) - 1) + (tensor.shape[-1],), tensor.dtype)
+  return out
+
+
+def load(path: Any) -> Packed:
+  """Reads a file :func:`save` wrote, checking everything it can.
+
+  Raises:
+    PackedFileError: not a packed file, another format version, a truncated
+      or corrupted file (lengths and CRC-32), arrays whose count, shape or
+      dtype does not fit their tensor, or packed words with stray bits.
+  """
+  header, blob = _read(path)
+  tensors: dict[str, PackedTensor] = {}
+  offset = 0
+  try:
+    for key, entry in header["tensors"].items():
+      if entry["kind"] not in KINDS:
+        raise PackedFileError(f"{key}: unknown tensor kind {entry['kind']!r}; known: {', '.join(KINDS)}")
+      arrays = {}
+      for name, dtype, shape, start, nbytes in entry["arrays"]:
+        dt = np.dtype(jnp.dtype(dtype)).newbyteorder("<")
+        if start != offset or nbytes != dt.itemsize * math.prod(shape) or start + nbytes > len(blob):
+          raise PackedFileError(f"{key}/{name}: byte range [{start}, {start + nbytes}) does not follow the "
+                                f"previous array (at {offset}) or does not fit {shape} {dtype}: corrupted file")
+        arrays[name] = np.frombuffer(blob, dt, math.prod(shape), start).reshape(shape).astype(
+            dt.newbyteorder("="))
+        offset += nbytes
+      tensor = PackedTensor(kind=entry["kind"], shape=tuple(entry["shape"]), dtype=entry["dtype"],
+                            arrays=arrays, spec=serialization.tensor_quant_from_json(entry["spec"]),
+                            exact=bool(entry["exact"]))
+      want = _expected_arrays(tensor)
+      got = {n: (tuple(a.shape), a.dtype.name) for n, a in arrays.items()}
+      if got != want:
+        raise PackedFileError(f"{key}: arrays {got} do not fit a {tensor.kind} tensor of shape {tensor.shape} "
+                              f"({want})")
+      if tensor.kind != "float":
+        _check_words(key, tensor)
+      tensors[key] = tensor
+  except (KeyError, TypeError, ValueError) as e:
+    if isinstance(e, PackedFileError):
+      raise
+    raise PackedFileError(f"{str(path)!r}: the header is malformed ({type(e).__name__}: {e})") from None
+  if offset != len(blob):
+    raise PackedFileError(f"{str(path)!r}: {len(blob) - offset} bytes of data belong to no array: corrupted file")
+  return Packed(model=header["model"], input_shape=tuple(header["input_shape"]), tensors=tensors)
