@@ -30,6 +30,7 @@ import time
 import jax
 import numpy as np
 
+from experiments.configs import presets
 from ricci_jax import data
 from benchmarks.common import save_json
 
@@ -38,11 +39,8 @@ RESULTS = REPO / "benchmarks" / "results" / "input_pipeline.json"
 
 
 def _cifar_subset() -> pathlib.Path | None:
-  for c in (os.environ.get("RICCI_JAX_CIFAR10_SUBSET"), REPO.parent / "shared/data/cifar10-subset",
-            "/work/shared/data/cifar10-subset"):
-    if c and (pathlib.Path(c) / "test_batch").is_file():
-      return pathlib.Path(c)
-  return None
+  found = pathlib.Path(presets.cifar10_subset_dir())
+  return found if (found / "test_batch").is_file() else None
 
 
 def _rate(fn, seconds: float) -> tuple[float, int]:

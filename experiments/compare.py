@@ -128,4 +128,6 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from ricci_jax import runtime
+  runtime.configure_cpu()  # process-wide CPU settings, before JAX starts: a program's choice, never the library's
   sys.exit(main())

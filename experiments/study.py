@@ -240,4 +240,6 @@ def write_part(part: str, workdir: pathlib.Path, out: dict, out_dir: pathlib.Pat
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from ricci_jax import runtime
+  runtime.configure_cpu()  # process-wide CPU settings, before JAX starts: a program's choice, never the library's
   sys.exit(main())

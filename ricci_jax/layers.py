@@ -165,19 +165,6 @@ def QuantConv(features: int, kernel_size, quant: QuantConfig | None = None, **kw
 # ----------------------------------------------------------------------------
 
 
-def __getattr__(name: str) -> Any:
-  """``layers.quantized_kernels`` is :func:`ricci_jax.models.inspect.quantized_kernels`.
-
-  It lives with the model tracer, which builds on this module; the name stays
-  here for existing callers, resolved on first use.
-  """
-  if name == "quantized_kernels":
-    from ricci_jax.models import inspect  # noqa: PLC0415 - ricci_jax.models imports this module
-
-    return inspect.quantized_kernels
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def path_names(path) -> tuple[str, ...]:
   """A ``jax.tree_util`` key path as a tuple of strings."""
   names = []

@@ -22,19 +22,32 @@ import numpy as np
 
 
 class JsonlWriter:
-  """Appends JSON objects, one per line, flushing each line."""
+  """Appends JSON objects, one per line, flushing each line.
 
-  def __init__(self, path: str | os.PathLike):
+  ``enabled=False`` gives a writer that writes nothing: the processes of a
+  multi-process run other than the first log through one.
+  """
+
+  def __init__(self, path: str | os.PathLike, enabled: bool = True):
     self.path = pathlib.Path(path)
-    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self.enabled = enabled
+    if enabled:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
 
   def write(self, record: Mapping[str, Any]):
+    if not self.enabled:
+      return
     with self.path.open("a") as f:
       f.write(json.dumps(to_jsonable(record)) + "\n")
 
+  def remove(self):
+    """Deletes the file (a fresh run starts without stale lines)."""
+    if self.enabled:
+      self.path.unlink(missing_ok=True)
+
   def truncate_after(self, step: int):
     """Drops the lines whose ``step`` is greater than ``step`` (used when resuming)."""
-    if not self.path.exists():
+    if not self.enabled or not self.path.exists():
       return
     kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
     self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))

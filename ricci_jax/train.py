@@ -324,7 +324,9 @@ class _Placement:
     state = jax.tree.map(lambda x: np.array(x, copy=True), state)
     if self.use_pmap:
       return jax.tree.map(lambda x: np.broadcast_to(x, (self.n,) + x.shape).copy(), state)
-    return jax.device_put(state, self.replicated)
+    # Each process holds the same state; built from the local copy without device_put's cross-process
+    # equality check, which reads NaN (an empty slot of the gate's history) as a mismatch.
+    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, self.replicated, lambda i: x[i]), state)
 
   def unstate(self, state: TrainState) -> TrainState:
     """A host copy of the (first replica of the) state."""
@@ -374,7 +376,7 @@ def _init_variables(config, model, train_ds) -> tuple[dict, dict, Any]:
   x = jnp.zeros((1,) + tuple(train_ds.image_shape), jnp.float32)
   # one compiled program: eager init dispatches every initializer op by op (ResNet-18: 40 s on a CPU)
   variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(config.seed), x)
-  kernels = layers.quantized_kernels(model, x, train=False)
+  kernels = models.inspect.quantized_kernels(model, x, train=False)
   mask = layers.quantized_kernel_mask(variables["params"], kernels)
   return variables, kernels, mask
 
@@ -427,7 +429,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     A dict with the final and the last-epochs test accuracy, and run facts.
   """
   started = time.perf_counter()
-  runtime.configure_cpu()  # malloc reuse of XLA's temporaries; before JAX starts if it has not
   workdir = pathlib.Path(workdir)
   train_config.validate(config, workdir)
   train_ds, test_ds = _datasets(config)
@@ -443,14 +444,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   program, state = build_program(config, model, variables, mask, steps_per_epoch,
                                  axis_name="data" if (config.pmap and use_rf) else None)
 
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  (workdir / "model_summary.txt").write_text(model_summary.text() + "\n")
-  (workdir / "model_summary.json").write_text(json.dumps(reporting.to_jsonable(model_summary.to_dict()), indent=2))
-  if jax.process_index() == 0 and config.progress:
-    print(model_summary, flush=True)
-  metrics_log = reporting.JsonlWriter(workdir / "metrics.jsonl")
-  eval_log = reporting.JsonlWriter(workdir / "eval.jsonl")
-  diag_log = reporting.JsonlWriter(workdir / "diagnostics.jsonl")
+  primary = jax.process_index() == 0  # of several processes, the first writes every file but the checkpoints
+  if primary:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    (workdir / "model_summary.txt").write_text(model_summary.text() + "\n")
+    (workdir / "model_summary.json").write_text(
+        json.dumps(reporting.to_jsonable(model_summary.to_dict()), indent=2))
+    if config.progress:
+      print(model_summary, flush=True)
+  metrics_log = reporting.JsonlWriter(workdir / "metrics.jsonl", enabled=primary)
+  eval_log = reporting.JsonlWriter(workdir / "eval.jsonl", enabled=primary)
+  diag_log = reporting.JsonlWriter(workdir / "diagnostics.jsonl", enabled=primary)
+  evals: list[dict] = []  # every process keeps them: the checkpoints carry them, no process reads another's file
   mgr = _checkpoint_manager(workdir, config)
   start_step = 0
   if config.resume and mgr.latest_step() is not None:
@@ -458,15 +464,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         state=ocp.args.StandardRestore(jax.device_get(state)), meta=ocp.args.JsonRestore()))
     state = restored["state"]
     start_step = int(state.step)
+    saved_evals = restored["meta"].get("evals")
+    if saved_evals is None:  # a checkpoint written before the evaluations travelled with it
+      saved_evals = reporting.read_jsonl(workdir / "eval.jsonl")
+    evals = [r for r in saved_evals if r["step"] <= start_step]
     for log in (metrics_log, eval_log, diag_log):
       log.truncate_after(start_step)
   else:  # a fresh run: no stale metrics, and the initial state is checkpoint 0
     for log in (metrics_log, eval_log, diag_log):
-      log.path.unlink(missing_ok=True)
+      log.remove()
 
   train_fn, eval_fn = placement.train_fn(program), placement.eval_fn(program)
   dstate = placement.state(state)
-  meta = {"steps_per_epoch": steps_per_epoch, "name": config.name}
+  meta = {"steps_per_epoch": steps_per_epoch, "name": config.name, "evals": evals}  # evals grows in place
   if start_step == 0:
     _save(mgr, jax.device_get(state), meta)
   n_quant = sum(int(np.size(p)) for p, m in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(mask)) if m)
@@ -509,7 +519,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         break
       if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.epochs:
         result = _evaluate(placement, eval_fn, dstate, test_ds)
-        eval_log.write({"step": step, "epoch": epoch + 1, **result})
+        evals.append({"step": step, "epoch": epoch + 1, **result})
+        eval_log.write(evals[-1])
         progress.write(f"epoch {epoch + 1}/{config.epochs}: test accuracy {100 * result['accuracy']:.2f}% "
                        f"(loss {result['loss']:.4f})")
       _save(mgr, placement.unstate(dstate), meta)
@@ -523,7 +534,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         f"stopped at step {step}: {config.max_consecutive_nonfinite} consecutive steps had a non-finite "
         f"loss or gradient ({int(host_state.nonfinite_total)} in total). The last good state is saved in "
         f"{workdir / 'checkpoints'}; lower the learning rate or check the data.")
-  evals = reporting.read_jsonl(workdir / "eval.jsonl")
   accs = [r["accuracy"] for r in evals]
   summary = {
       "name": config.name, "seed": config.seed, "steps": step, "epochs_done": len(evals),
@@ -538,8 +548,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       "device": describe_devices(),
       "source": reporting.source_version(),
   }
-  (workdir / "results.json").write_text(json.dumps(reporting.to_jsonable(summary), indent=2))
-  if config.plots and jax.process_index() == 0:
+  if primary:
+    (workdir / "results.json").write_text(json.dumps(reporting.to_jsonable(summary), indent=2))
+  if config.plots and primary:
     title = f"{config.name or config.model.name} (seed {config.seed})"
     reporting.plot_training(reporting.read_jsonl(workdir / "metrics.jsonl"), evals, workdir / "training.png", title)
     if use_rf:
@@ -632,6 +643,7 @@ def train_seeds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) 
     per_seed.append(_finished(cfg, run_dir) or train(cfg, run_dir))
   stats = reporting.across_seeds([r["last_epochs"] for r in per_seed])
   summary = {"name": config.name, "seeds": seeds, "runs": per_seed, "across_seeds": stats}
-  (workdir / "summary.json").write_text(json.dumps(reporting.to_jsonable(summary), indent=2))
+  if jax.process_index() == 0:
+    (workdir / "summary.json").write_text(json.dumps(reporting.to_jsonable(summary), indent=2))
   return summary
 

@@ -13,7 +13,6 @@ checks the package's layout.
 import ast
 import gzip
 import io
-import os
 import pathlib
 import pickle
 import struct
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments.configs import presets
 from ricci_jax import data
 
 FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
@@ -31,12 +31,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _cifar_subset_dir():
-  candidates = [os.environ.get("RICCI_JAX_CIFAR10_SUBSET"),
-                REPO.parent / "shared/data/cifar10-subset", "/work/shared/data/cifar10-subset"]
-  for c in candidates:
-    if c and (pathlib.Path(c) / "test_batch").is_file():
-      return pathlib.Path(c)
-  return None
+  found = pathlib.Path(presets.cifar10_subset_dir())
+  return found if (found / "test_batch").is_file() else None
 
 
 CIFAR_SUBSET = _cifar_subset_dir()
@@ -45,8 +41,7 @@ needs_fashion = pytest.mark.skipif(
     reason=f"real Fashion-MNIST not in {FASHION_DIR}: apt-get install dataset-fashion-mnist")
 needs_subset = pytest.mark.skipif(
     CIFAR_SUBSET is None,
-    reason="CIFAR-10 subset not found at $RICCI_JAX_CIFAR10_SUBSET, "
-           "<repo>/../shared/data/cifar10-subset or /work/shared/data/cifar10-subset")
+    reason="CIFAR-10 subset not found at $RICCI_JAX_CIFAR10_SUBSET or <repo>/../shared/data/cifar10-subset")
 
 
 # ----------------------------------------------------------------------------

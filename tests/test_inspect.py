@@ -59,7 +59,6 @@ def test_the_public_tracers_agree_with_the_trace():
   t = inspect.trace(_Net(), x, train=False)
   assert inspect.layer_plan(_Net(), x, train=False) == models.layer_plan(_Net(), x, train=False) == t.plan()
   assert rj.quantized_kernels(_Net(), x, train=False) == inspect.quantized_kernels(_Net(), x) == t.kernels()
-  assert layers.quantized_kernels is inspect.quantized_kernels  # the old name still resolves
   params = _Net().init(jax.random.key(0), x)["params"]
   mask = layers.quantized_kernel_mask(params, t.kernels())
   assert mask["mid"]["kernel"] and mask["hidden"]["kernel"] and not mask["act_only"]["kernel"]

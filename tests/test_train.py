@@ -13,6 +13,7 @@ import pytest
 
 from experiments.configs import presets
 from ricci_jax import train, train_config
+from ricci_jax.models import inspect as rj_inspect
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FASHION = pathlib.Path("/usr/share/datasets/fashion-mnist")
@@ -208,7 +209,7 @@ def _program_and_batch(config):
   model = train.build_model(config, 10)
   x = jnp.zeros((1, 28, 28, 1))
   variables = model.init(jax.random.key(config.seed), x, train=False)
-  mask = layers.quantized_kernel_mask(variables["params"], layers.quantized_kernels(model, x, train=False))
+  mask = layers.quantized_kernel_mask(variables["params"], rj_inspect.quantized_kernels(model, x, train=False))
   program, state = train.build_program(config, model, variables, mask, steps_per_epoch=10)
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8),

@@ -494,4 +494,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+  from ricci_jax import runtime
+  runtime.configure_cpu()  # process-wide CPU settings, before JAX starts: a program's choice, never the library's
   main()

@@ -20,9 +20,12 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def cifar10_subset_dir() -> str:
-  """The real CIFAR-10 subset (4,660 train / 932 test images in the official format), where it lies."""
-  for candidate in (os.environ.get("RICCI_JAX_CIFAR10_SUBSET"), REPO.parent / "shared/data/cifar10-subset",
-                    "/work/shared/data/cifar10-subset"):
+  """The real CIFAR-10 subset (4,660 train / 932 test images in the official format), where it lies.
+
+  ``$RICCI_JAX_CIFAR10_SUBSET`` if set, else ``<checkout>/../shared/data/cifar10-subset`` (a clone elsewhere
+  sets the variable; ``.ci/run`` does). Returned even when absent: the data pipeline then names it.
+  """
+  for candidate in (os.environ.get("RICCI_JAX_CIFAR10_SUBSET"), REPO.parent / "shared/data/cifar10-subset"):
     if candidate and (pathlib.Path(candidate) / "test_batch").is_file():
       return str(candidate)
   return str(REPO.parent / "shared/data/cifar10-subset")  # the data pipeline reports it missing
