@@ -149,10 +149,9 @@ def translated_grads(
     axis_name: under ``pmap``, the gradients are averaged over this axis.
     strategy: ``"vmap"`` batches the four passes into one; ``"loop"`` writes
       them out one after the other in the same jitted program. On the CPU the
-      loop is 2.4x faster (a binarized ResNet-20 at batch 128: 4.0 s against
-      9.7 s for the four passes; XLA's CPU convolutions handle the vmapped
-      weight gradients poorly), so ``"auto"`` picks the loop on CPU and vmap
-      on accelerators.
+      loop is faster (XLA's CPU convolutions handle the vmapped weight
+      gradients poorly), so ``"auto"`` picks the loop on CPU and vmap on
+      accelerators.
 
   Returns:
     A tree like ``params`` whose leaves have a leading axis of 4, in the order

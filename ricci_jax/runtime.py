@@ -1,21 +1,21 @@
 """CPU runtime settings for training: XLA CPU options and the allocator.
 
-Measured on the project's 2-core CPU machine (``benchmarks/README.md``), two
-settings make the binarized CIFAR ResNet-20 train step about 1.5x faster and
-change nothing in the model or its results beyond the last bits:
+Two settings make the binarized CIFAR ResNet-20 train step faster on the
+CPU and change nothing in the model or its results beyond the last bits (the
+measured times, profiles and page-fault counts: ``benchmarks/README.md``):
 
 * **XLA CPU options** (:data:`XLA_CPU_OPTIONS`), passed per compilation
   (``jax.jit(..., compiler_options=compiler_options())``). They route
   convolutions to XLA's Eigen kernels instead of YNNPACK (YNNPACK computes a
-  weight gradient through a 9x im2col buffer, ~2x slower here) and give the
-  elementwise ops to YNNPACK, which stops XLA from recomputing whole
-  BatchNorm/ReLU/residual chains inside the strided transposes that feed the
-  weight gradients (those transposes were a quarter of the step).
+  3x3 weight gradient through a 9x im2col buffer, the largest item of the
+  stock profile) and give the elementwise ops to YNNPACK, which stops XLA from
+  recomputing whole BatchNorm/ReLU/residual chains inside the strided
+  transposes that feed the weight gradients.
 * **glibc malloc** (:func:`tune_malloc`): one arena, no ``mmap`` for large
-  blocks and a high trim threshold, so the ~300 MB of temporaries that XLA
-  allocates and frees every step are reused instead of being mapped afresh:
-  about 74,000 page faults and 0.13 s of system time per step go away, at the
-  cost of keeping the peak heap resident.
+  blocks and no trimming of the heap top, so the temporaries that XLA
+  allocates and frees every step are reused instead of being mapped afresh
+  (the page faults and system time of mapping them go away), at the cost of
+  keeping the peak heap resident.
 
 Nothing here runs at import. The training program calls :func:`configure_cpu`
 first thing and jits its steps with :func:`compiler_options`; other programs
@@ -120,7 +120,8 @@ def tune_malloc() -> bool:
   """Makes glibc malloc reuse large blocks instead of mapping them afresh.
 
   Sets one arena (so XLA's worker threads allocate from the main heap), no
-  ``mmap`` for large blocks, and a 1 GiB trim threshold. Call it before JAX
+  ``mmap`` for large blocks, and no trimming of the heap top
+  (:data:`MALLOC_TRIM_THRESHOLD`). Call it before JAX
   starts its backend: threads created earlier keep their own arena, whose
   large blocks are still mapped per allocation. Does nothing (returns False)
   off glibc, when ``RICCI_JAX_MALLOC_TUNING=0`` or ``RICCI_JAX_CPU_TUNING=0``,

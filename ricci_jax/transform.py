@@ -10,6 +10,10 @@
   through plain SGD, both with Nesterov momentum and weight decay, routed with
   ``optax.partition`` (in the shape of ``optax.contrib.muon``).
 
+What each quantized layer reports every step (:class:`LayerDiagnostics`,
+:func:`layer_diagnostics`, :func:`summarize_diagnostics`) lives in
+:mod:`ricci_jax.diagnostics`; those names stay importable from here.
+
 Usage::
 
     tx = rj.rf_sgd(learning_rate=0.1, quantized=rj.layers.quantized_kernel_mask(params, kernels))
@@ -29,7 +33,19 @@ import numpy as np
 import optax
 
 from ricci_jax import lne, ricci_flow
+from ricci_jax.diagnostics import (
+    LayerDiagnostics,
+    layer_diagnostics,
+    reports_diagnostics,
+    summarize_diagnostics,
+    zero_diagnostics,
+)
 from ricci_jax.ricci_flow import Shifts
+
+__all__ = [  # LayerDiagnostics, layer_diagnostics and summarize_diagnostics: from ricci_jax.diagnostics
+    "CONTROLS", "LayerDiagnostics", "ScaleByLNEState", "ScaleByRicciFlowState", "layer_diagnostics", "rf_sgd",
+    "scale_by_lne", "scale_by_ricci_flow", "summarize_diagnostics",
+]
 
 Array = jax.Array
 ScalarOrSchedule = float | Array | Callable[[Array], Array]
@@ -45,48 +61,6 @@ CONTROLS = ("none", "match_norm", "random_direction")
   is that of the reading's correction |u - d|, per layer and step: a
   perturbation of RF-DNN's size in no particular direction.
 """
-
-
-class LayerDiagnostics(NamedTuple):
-  """What each quantized layer reports every step (float32 scalars).
-
-  Attributes:
-    tau: the metric's tau (mean over blocks).
-    s: |tanh(tau w)|^2 per block, mean over the layer's blocks (a rank-1
-      block metric is positive definite iff its s < 1).
-    s_max: the largest block's s.
-    dominant: the share of blocks whose rank-1 metric is strictly diagonally
-      dominant (Def. 17).
-    correction: |u - d| / |d|: how far the (ungated) update u is from the
-      plain STE gradient d, regulariser and control included.
-    residual: N, the squared residual of the discrete Ricci flow (Eq. 35);
-      0 for :func:`scale_by_lne`.
-    gate: 1 if the gate of Eq. 36 let this step's update through (N <= epsilon).
-    regularizer: |alpha dN/dW| / |d|, the regulariser's gradient against the
-      loss gradient; 0 for :func:`scale_by_lne`.
-    alpha: the regulariser's weight used this step (``rho`` sets it per step).
-    epsilon: the gate's bound this step (``epsilon_relative`` sets it from the
-      running median of N); inf when the gate cannot close.
-    gate_open_fraction: the share of all steps so far whose gate was open.
-  """
-
-  tau: Array
-  s: Array
-  s_max: Array
-  dominant: Array
-  correction: Array
-  residual: Array
-  gate: Array
-  regularizer: Array
-  alpha: Array
-  epsilon: Array
-  gate_open_fraction: Array
-
-
-def _zero_diagnostics(_) -> LayerDiagnostics:
-  z = jnp.zeros((), jnp.float32)
-  one = jnp.ones((), jnp.float32)
-  return LayerDiagnostics(z, z, z, z, z, z, one, z, z, jnp.full((), jnp.inf, jnp.float32), one)
 
 
 def _is_concrete(tree) -> bool:
@@ -152,6 +126,7 @@ def _leaves(tree, treedef):
   return treedef.flatten_up_to(tree)
 
 
+@reports_diagnostics
 class ScaleByLNEState(NamedTuple):
   """State of :func:`scale_by_lne`: the update count and the last step's diagnostics per layer."""
 
@@ -197,7 +172,7 @@ def scale_by_lne(
 
   def init_fn(params):
     _validate_layers(params, tau, tau_scale, metric, approx, block)
-    return ScaleByLNEState(jnp.zeros((), jnp.int32), jax.tree.map(_zero_diagnostics, params))
+    return ScaleByLNEState(jnp.zeros((), jnp.int32), jax.tree.map(zero_diagnostics, params))
 
   def update_fn(updates, state, params=None):
     _check_params(params, "scale_by_lne")
@@ -220,6 +195,7 @@ def scale_by_lne(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+@reports_diagnostics
 class ScaleByRicciFlowState(NamedTuple):
   """State of :func:`scale_by_ricci_flow`.
 
@@ -330,7 +306,7 @@ def scale_by_ricci_flow(
     return ScaleByRicciFlowState(
         count=jnp.zeros((), jnp.int32),
         previous=jax.tree.map(previous, params),
-        diagnostics=jax.tree.map(_zero_diagnostics, params),
+        diagnostics=jax.tree.map(zero_diagnostics, params),
         # one unused entry without epsilon_relative: checkpointers refuse zero-size arrays
         history=jax.tree.map(lambda _: jnp.full((max(window, 1),), jnp.nan, jnp.float32), params),
         open_steps=jax.tree.map(lambda _: jnp.zeros((), jnp.int32), params),
@@ -487,48 +463,3 @@ def rf_sgd(
       param_labels,
       mask_compatible_extra_args=True,
   )
-
-
-# ----------------------------------------------------------------------------
-# Reading diagnostics out of an optimizer state.
-# ----------------------------------------------------------------------------
-
-
-def layer_diagnostics(opt_state: Any) -> dict[str, LayerDiagnostics]:
-  """Every quantized layer's :class:`LayerDiagnostics`, keyed by its parameter path.
-
-  Finds the :func:`scale_by_lne` / :func:`scale_by_ricci_flow` states anywhere
-  in ``opt_state`` (inside ``chain``, ``partition``, ``inject_hyperparams``,
-  ``MultiSteps`` ...).
-  """
-  states = (ScaleByRicciFlowState, ScaleByLNEState)
-  found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, states))
-           if isinstance(x, states)]
-  out: dict[str, LayerDiagnostics] = {}
-  for st in found:
-    flat = jax.tree_util.tree_flatten_with_path(
-        st.diagnostics, is_leaf=lambda x: isinstance(x, LayerDiagnostics))[0]
-    for path, diag in flat:
-      if isinstance(diag, LayerDiagnostics):
-        key = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-        out[key or "params"] = diag
-  return out
-
-
-def summarize_diagnostics(opt_state: Any) -> dict[str, Array]:
-  """Scalars for logging: means over layers of s, correction, residual N, gate and dominance."""
-  diags = list(layer_diagnostics(opt_state).values())
-  if not diags:
-    return {}
-  stacked = jax.tree.map(lambda *x: jnp.stack(x), *diags)
-  return {
-      "lne/s_mean": jnp.mean(stacked.s),
-      "lne/s_max": jnp.max(stacked.s_max),
-      "lne/correction_mean": jnp.mean(stacked.correction),
-      "lne/dominant_fraction": jnp.mean(stacked.dominant),
-      "ricci/residual_mean": jnp.mean(stacked.residual),
-      "ricci/residual_max": jnp.max(stacked.residual),
-      "ricci/gate_open_fraction": jnp.mean(stacked.gate),
-      "ricci/regularizer_mean": jnp.mean(stacked.regularizer),
-      "ricci/alpha_mean": jnp.mean(stacked.alpha),
-  }
