@@ -77,8 +77,8 @@ def _training_checkpoint_bytes(config, model, variables, workdir: pathlib.Path) 
       step=jnp.asarray(70_400, jnp.int32), params=params,
       batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]), opt_state=opt_state, quant={},
       nonfinite_total=jnp.zeros((), jnp.int32), nonfinite_streak=jnp.zeros((), jnp.int32))
-  mgr = train._checkpoint_manager(workdir, config)  # noqa: SLF001 - the program's own writer
-  train._save(mgr, jax.device_get(state), {"steps_per_epoch": 352, "name": config.name})  # noqa: SLF001
+  mgr = train.checkpoints.manager(workdir, config.keep_checkpoints)  # the program's own writer
+  train.checkpoints.save(mgr, jax.device_get(state), {"steps_per_epoch": 352, "name": config.name})
   mgr.close()
   return _dir_bytes(workdir / "checkpoints")
 

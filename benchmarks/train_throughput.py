@@ -27,14 +27,14 @@ import numpy as np
 
 from benchmarks import input_pipeline
 from experiments.configs import presets
-from ricci_jax import layers, runtime, train, train_config
+from ricci_jax import layers, runtime, train
 from ricci_jax.models import inspect
 from benchmarks.common import save_json
 
 
 def _step(method: str, batch_size: int):
   config = presets.cifar_paper("cifar10", "resnet20", method=method)
-  train_config.apply_overrides(config, [f"batch_size={batch_size}", "quant.layers=inner"])
+  train.schema.apply_overrides(config, [f"batch_size={batch_size}", "quant.layers=inner"])
   model = train.build_model(config, num_classes=10)
   x = jnp.zeros((1, 32, 32, 3))
   variables = model.init(jax.random.key(0), x, train=False)

@@ -34,14 +34,14 @@ DEFAULT_SEEDS = "0,1"
 def prepare(configs: Mapping[str, ml_collections.ConfigDict], seeds: Sequence[int], workdir: pathlib.Path,
             overrides: Sequence[str] = ()) -> dict[str, ml_collections.ConfigDict]:
   """Applies the overrides and seeds to every configuration and validates them all (before any training)."""
-  from ricci_jax import train_config  # noqa: PLC0415
+  from ricci_jax import train  # noqa: PLC0415
 
   out = {}
   for label, config in configs.items():
     config = ml_collections.ConfigDict(config.to_dict())
-    train_config.apply_overrides(config, overrides)
+    train.schema.apply_overrides(config, overrides)
     config.seeds = tuple(seeds)
-    train_config.validate(config, workdir / label)
+    train.schema.validate(config, workdir / label)
     out[label] = config
   return out
 

@@ -119,19 +119,19 @@ def parse_init_from(values: list[str]) -> dict[str, str]:
 def build_config(row: PaperRow, quick: bool, mock: bool, seeds: list[int], overrides: list[str],
                  init_from: dict[str, str]):
   """The row's configuration with the quick/mock settings, the seeds, ``--init-from`` and the overrides."""
-  from ricci_jax import train_config  # noqa: PLC0415
+  from ricci_jax import train  # noqa: PLC0415
 
   config = row.config()
   if quick:
     size = "imagenet2012" if row.dataset == "imagenet2012" else "small"
-    train_config.apply_overrides(config, QUICK_OVERRIDES[size] + QUICK_OVERRIDES["common"])
+    train.schema.apply_overrides(config, QUICK_OVERRIDES[size] + QUICK_OVERRIDES["common"])
   if mock:
-    train_config.apply_overrides(config, ["dataset.source=tfds"])
+    train.schema.apply_overrides(config, ["dataset.source=tfds"])
   if row.pretrained:
     path = init_from.get(row.model, init_from.get("*", ""))
     config.init_from = path
   config.seeds = tuple(seeds)
-  train_config.apply_overrides(config, overrides)
+  train.schema.apply_overrides(config, overrides)
   return config
 
 
@@ -312,7 +312,7 @@ def render(table: str, rows_run: dict[str, dict], configs: dict, mode: str, seed
 
 def main(argv=None) -> int:
   args, overrides = parse(argv)
-  from ricci_jax import train_config  # noqa: PLC0415 - after argument errors
+  from ricci_jax import train  # noqa: PLC0415 - after argument errors
 
   table = args.table
   mode = "full" if not (args.quick or args.mock) else "+".join(
@@ -336,7 +336,7 @@ def main(argv=None) -> int:
     configs = {}
     for row in rows:  # every configuration is checked before the first one trains
       config = build_config(row, args.quick, args.mock, seeds, overrides, init_from)
-      train_config.validate(config, workdir / f"table{table}" / row.key)
+      train.schema.validate(config, workdir / f"table{table}" / row.key)
       configs[row.key] = config
     if configs:
       check_data(configs, args.mock)

@@ -73,7 +73,7 @@ class Plan:
 def config_for(arm: str, lr_multiplier: float, seed: int, split: str, quick: bool, overrides: Sequence[str] = ()):
   """One run's configuration: the Fashion-MNIST preset of ``arm``, trained without the validation images."""
   from experiments.configs import presets  # noqa: PLC0415
-  from ricci_jax import train_config  # noqa: PLC0415
+  from ricci_jax import train  # noqa: PLC0415
 
   c = presets.fashion_mnist(arm, epochs=EPOCHS)
   c.dataset.holdout_validation = True  # the last 5,000 training images are never trained on
@@ -84,7 +84,7 @@ def config_for(arm: str, lr_multiplier: float, seed: int, split: str, quick: boo
   if quick:
     c.epochs, c.batch_size, c.log_every_steps = 1, 64, 4
     c.dataset.train_limit, c.dataset.test_limit = 768, 256
-  train_config.apply_overrides(c, list(overrides))
+  train.schema.apply_overrides(c, list(overrides))
   return c
 
 
@@ -99,10 +99,10 @@ def _run_all(jobs: list[tuple[str, Any, pathlib.Path]], title: str):
   """Validates every job's config first, then trains them in order with one progress bar."""
   from tqdm.auto import tqdm  # noqa: PLC0415
 
-  from ricci_jax import train_config  # noqa: PLC0415
+  from ricci_jax import train  # noqa: PLC0415
 
   for _, config, run_dir in jobs:
-    train_config.validate(config, run_dir)
+    train.schema.validate(config, run_dir)
   bar = tqdm(jobs, desc=title, unit="run", dynamic_ncols=True)
   for label, config, run_dir in bar:
     bar.set_postfix_str(label)

@@ -92,8 +92,8 @@ def part_alpha(quick: bool, workdir: pathlib.Path) -> dict:
     variants = {"alpha_1e6": variants["alpha_1e6"]}
   configs = {}
   for label, overrides in variants.items():
-    from ricci_jax import train_config  # noqa: PLC0415
-    configs[label] = train_config.apply_overrides(_fashion("rfdnn", quick), overrides)
+    from ricci_jax import train  # noqa: PLC0415
+    configs[label] = train.schema.apply_overrides(_fashion("rfdnn", quick), overrides)
   return compare.run(compare.prepare(configs, seeds, workdir), seeds, workdir)
 
 

@@ -103,17 +103,17 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
 
 def main(argv=None) -> int:
   args, overrides = parse(argv)
-  from ricci_jax import runtime, train, train_config  # noqa: PLC0415 - after argument errors
+  from ricci_jax import runtime, train  # noqa: PLC0415 - after argument errors
 
   try:
     config = load_config_file(args.config)
-    train_config.check_known_keys(config)
-    train_config.apply_overrides(config, overrides)
+    train.schema.check_known_keys(config)
+    train.schema.apply_overrides(config, overrides)
     workdir = pathlib.Path(args.workdir or pathlib.Path("runs") / (config.name or pathlib.Path(args.config.split(":")[0]).stem))
     if args.distributed:
       initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     runtime.configure_cpu()  # process-wide CPU settings, before JAX starts: a program's choice, not the library's
-    train_config.validate(config, workdir)
+    train.schema.validate(config, workdir)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

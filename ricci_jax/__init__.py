@@ -18,7 +18,7 @@ from ricci_jax import (
     statistics,
     transform,
 )
-from ricci_jax.config import QuantConfig, TensorQuant
+from ricci_jax.quant_config import QuantConfig, TensorQuant
 from ricci_jax.estimators import ESTIMATORS
 from ricci_jax.models import QuantRule
 from ricci_jax.layers import (

@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ricci_jax import export
-from ricci_jax.config import QuantConfig
+from ricci_jax.quant_config import QuantConfig
 from ricci_jax.models import QuantRule, inspect
 
 UNPACK_MODES = ("on_the_fly", "once")

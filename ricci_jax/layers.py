@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ricci_jax.config import QuantConfig, TensorQuant
+from ricci_jax.quant_config import QuantConfig, TensorQuant
 from ricci_jax.estimators import get_estimator
 from ricci_jax.quantizers import (
     binary_scale,

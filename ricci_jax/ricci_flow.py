@@ -129,7 +129,6 @@ def translated_grads(
     *,
     image_key: str = "image",
     mode: str = "roll",
-    axis_name: str | None = None,
     strategy: str = "auto",
 ) -> Any:
   """The four gradients on the translated batches, computed together in one program.
@@ -146,7 +145,6 @@ def translated_grads(
       1 is the paper's cost (four extra forward-backward passes).
     image_key: where the images are in ``batch``.
     mode: ``"roll"`` or ``"pad"`` (:func:`translate`).
-    axis_name: under ``pmap``, the gradients are averaged over this axis.
     strategy: ``"vmap"`` batches the four passes into one; ``"loop"`` writes
       them out one after the other in the same jitted program. On the CPU the
       loop is faster (XLA's CPU convolutions handle the vmapped weight
@@ -174,8 +172,6 @@ def translated_grads(
     grads = jax.vmap(one)(jnp.stack(moved))
   else:
     grads = jax.tree.map(lambda *g: jnp.stack(g), *[one(m) for m in moved])
-  if axis_name is not None:
-    grads = jax.lax.pmean(grads, axis_name)
   return jax.lax.stop_gradient(grads)
 
 

@@ -42,7 +42,7 @@ from typing import Any
 import flax.linen as nn
 
 from ricci_jax import export, models
-from ricci_jax.config import QuantConfig, TensorQuant
+from ricci_jax.quant_config import QuantConfig, TensorQuant
 from ricci_jax.models import inspect, serialization
 
 MAC_PRECISIONS = ("binary", "k-bit", "float")

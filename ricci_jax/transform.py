@@ -229,7 +229,6 @@ def scale_by_ricci_flow(
     reading: str = "lag",
     normalize: bool = False,
     state_dtype: Any = jnp.float32,
-    axis_name: str | None = None,
     metric: str = "rank1",
     block: str | int = "layer",
     rho: float | Array | None = None,
@@ -264,7 +263,6 @@ def scale_by_ricci_flow(
       ``"two_step"`` (see :mod:`ricci_jax.ricci_flow`).
     normalize: divide N by the layer size (not in the paper).
     state_dtype: dtype of the stored metric vectors.
-    axis_name: under ``pmap``, N and the diagnostics are averaged over it.
     metric: ``"rank1"`` or ``"hessian_diagonal"`` (see :func:`scale_by_lne`).
     block: what one metric covers (see :func:`scale_by_lne`).
     rho: if given, alpha is set per layer and step so that
@@ -343,8 +341,6 @@ def scale_by_ricci_flow(
                                         normalize, metric=metric, block=block)
 
       (residual, store), grad_n = jax.value_and_grad(n_of, has_aux=True)(w.astype(jnp.float32))
-      if axis_name is not None:
-        residual = jax.lax.pmean(residual, axis_name)
       d32 = d.astype(jnp.float32)
       if rho is None:
         alpha_v = jnp.asarray(alpha, jnp.float32)
@@ -367,8 +363,6 @@ def scale_by_ricci_flow(
       diag = LayerDiagnostics(diag.tau, diag.s, diag.s_max, diag.dominant, diag.correction, residual, gate,
                               lne.relative_norm(penalty, d32), alpha_v, eps_v,
                               opened.astype(jnp.float32) / count.astype(jnp.float32))
-      if axis_name is not None:
-        diag = jax.lax.pmean(diag, axis_name)
       outs.append(((gate * nat).astype(d.dtype), store.astype(state_dtype), diag, hist, opened))
     pick = lambda k: jax.tree.unflatten(treedef, [o[k] for o in outs])  # noqa: E731
     return pick(0), ScaleByRicciFlowState(
@@ -402,7 +396,6 @@ def rf_sgd(
     reading: str = "lag",
     normalize: bool = False,
     weight_decay_mask: Any = None,
-    axis_name: str | None = None,
     metric: str = "rank1",
     block: str | int = "layer",
     rho: float | Array | None = None,
@@ -429,7 +422,7 @@ def rf_sgd(
       ``lambda p: ricci_jax.layers.quantized_kernel_mask(p, kernels)``.
       Default: every leaf with ndim >= 2.
     tau, alpha, epsilon, approx, shifts, tau_scale, reading, normalize,
-      axis_name, metric, block, rho, epsilon_relative, median_window, control,
+      metric, block, rho, epsilon_relative, median_window, control,
       control_seed: see :func:`scale_by_ricci_flow`.
     flow_step: the tentative step size; defaults to ``learning_rate``.
     weight_decay_mask: which params are decayed (optax convention).
@@ -455,7 +448,7 @@ def rf_sgd(
               scale_by_ricci_flow(
                   tau=tau, alpha=alpha, epsilon=epsilon, approx=approx, shifts=shifts,
                   flow_step=flow_step, tau_scale=tau_scale, reading=reading, normalize=normalize,
-                  axis_name=axis_name, metric=metric, block=block, rho=rho, epsilon_relative=epsilon_relative,
+                  metric=metric, block=block, rho=rho, epsilon_relative=epsilon_relative,
                   median_window=median_window, control=control, control_seed=control_seed),
               *tail()),
           "sgd": optax.chain(*tail()),

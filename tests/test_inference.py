@@ -9,7 +9,7 @@ import pytest
 
 import ricci_jax as rj
 from experiments.configs import presets
-from ricci_jax import data, export, inference, models, train, train_config
+from ricci_jax import data, export, inference, models, train
 from ricci_jax.models import QuantRule, inspect
 
 FASHION = pathlib.Path("/usr/share/datasets/fashion-mnist")
@@ -55,7 +55,7 @@ def _fashion_images(n):
 def test_a_lenet5_trained_by_the_training_program_serves_exactly_on_real_fashion_mnist(tmp_path):
   """ReSTE (mean|W| scale, scheduled o): trained for a few steps, checkpointed, packed from the checkpoint."""
   config = presets.fashion_mnist("reste", model="lenet5", epochs=1)
-  train_config.apply_overrides(config, [
+  train.schema.apply_overrides(config, [
       "dataset.train_limit=512", "dataset.test_limit=128", "batch_size=64", "progress=False", "plots=False",
       "log_every_steps=4"])
   train.train(config, tmp_path / "run")

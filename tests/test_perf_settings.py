@@ -129,8 +129,8 @@ def test_float64_surrogate_keeps_float64():
 
 
 def test_training_program_jits_with_the_options(monkeypatch):
-  """train.py's jitted steps receive the runtime's compiler options."""
-  from ricci_jax import train  # noqa: PLC0415
+  """The training program's jitted steps receive the runtime's compiler options."""
+  from ricci_jax.train import placement as placement_lib  # noqa: PLC0415
 
   seen = {}
   real_jit = jax.jit
@@ -139,8 +139,7 @@ def test_training_program_jits_with_the_options(monkeypatch):
     seen.update(kwargs)
     return real_jit(fun, **kwargs)
 
-  monkeypatch.setattr(train.jax, "jit", spy)
-  placement = train._Placement(use_pmap=False)
-  placement.train_fn(functools.partial(lambda *a: None))
+  monkeypatch.setattr(placement_lib.jax, "jit", spy)
+  placement_lib.DataParallel().train_fn(functools.partial(lambda *a: None))
   assert seen["compiler_options"] == runtime.compiler_options()
   assert seen["donate_argnums"] == (0,)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import paper_tables, reproduce
-from ricci_jax import train, train_config
+from ricci_jax import train
 
 FASHION = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
@@ -22,7 +22,7 @@ def test_every_table_has_its_rows_and_every_runnable_row_validates(tmp_path):
     for row in rows:
       if row.runnable:
         config = row.config()
-        train_config.validate(config, tmp_path)
+        train.schema.validate(config, tmp_path)
         assert config.dataset.name == row.dataset and config.model.name == row.model
         expect_layers = "none" if row.method == "float" else row.layers
         assert config.quant.layers == expect_layers
@@ -190,7 +190,7 @@ def test_init_from_starts_a_binarized_run_from_a_float_run(tmp_path):
 
   def small(method, **kw):
     c = presets.fashion_mnist(method, model="mlp", epochs=1)
-    train_config.apply_overrides(c, ["dataset.train_limit=256", "dataset.test_limit=128", "batch_size=64",
+    train.schema.apply_overrides(c, ["dataset.train_limit=256", "dataset.test_limit=128", "batch_size=64",
                                      "progress=False", "plots=False", "log_every_steps=2"])
     for k, v in kw.items():
       c[k] = v

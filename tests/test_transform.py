@@ -243,7 +243,7 @@ def test_contract_inject_hyperparams():
   params, grads, shifted = _problem()
   kwargs = dict(learning_rate=0.1, momentum=0.9, weight_decay=5e-4, alpha=3.0, quantized=KERNELS_ONLY)
   static = ("quantized", "tau", "approx", "shifts", "reading", "nesterov", "normalize", "flow_step",
-            "weight_decay_mask", "axis_name", "epsilon", "median_window")
+            "weight_decay_mask", "epsilon", "median_window")
   plain = rj.rf_sgd(**kwargs)
   injected = optax.inject_hyperparams(rj.rf_sgd, static_args=static)(**kwargs)
   s1, s2 = jax.jit(plain.init)(params), jax.jit(injected.init)(params)

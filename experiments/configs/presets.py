@@ -14,7 +14,7 @@ import pathlib
 
 import ml_collections
 
-from ricci_jax.train_config import default_config
+from ricci_jax.train.schema import default_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ricci_jax import layers, quantizers
-from ricci_jax.config import TensorQuant
+from ricci_jax.quant_config import TensorQuant
 from ricci_jax.export.bits import num_words, pack_indices, unpack_indices, word_layout
 from ricci_jax.export.errors import ExportError, PackedFileError
 from ricci_jax.models import serialization

@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ricci_jax.config import QuantConfig
+from ricci_jax.quant_config import QuantConfig
 from ricci_jax.layers import QuantConv, QuantDense
 from ricci_jax.models.rules import QuantRule, resolve
 
@@ -105,11 +105,11 @@ def dense(m: nn.Module, name: str, role: str, features: int, use_bias: bool) -> 
 def norm(m: nn.Module, name: str, train: bool) -> nn.BatchNorm:
   """BatchNorm (collection ``batch_stats``), batch statistics only when ``train``.
 
-  Under ``pmap``, a model built with ``norm_axis_name`` reduces the batch
-  statistics over that axis: the global batch's, as on one device.
+  No axis name: under ``jax.jit`` with the batch sharded over devices and
+  hosts, the mean over the batch axis is the global batch's, as on one device.
   """
   return nn.BatchNorm(use_running_average=not train, momentum=m.norm_momentum,
-                      epsilon=m.norm_epsilon, dtype=m.dtype, axis_name=m.norm_axis_name, name=name)
+                      epsilon=m.norm_epsilon, dtype=m.dtype, name=name)
 
 
 def conv_unit(

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ricci_jax.config import QuantConfig
+from ricci_jax.quant_config import QuantConfig
 from ricci_jax.layers import QuantConvGeneralDilated, QuantDotGeneral
 
 QUANT_OPS = (QuantDotGeneral, QuantConvGeneralDilated)

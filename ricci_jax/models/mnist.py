@@ -40,7 +40,6 @@ class LeNet5(nn.Module):
     dtype: compute dtype; logits in ``dtype``.
     order: ``"conv_bn_relu"`` or ``"conv_relu_bn"``.
     norm_momentum, norm_epsilon: BatchNorm's.
-    norm_axis_name: under pmap, the axis over which BatchNorm reduces its statistics.
   """
 
   num_classes: int = 10
@@ -49,7 +48,6 @@ class LeNet5(nn.Module):
   order: str = "conv_bn_relu"
   norm_momentum: float = 0.9
   norm_epsilon: float = 1e-5
-  norm_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -82,7 +80,6 @@ class MLP(nn.Module):
       takes the ``last`` role).
     order: ``"conv_bn_relu"`` (dense, BN, ReLU) or ``"conv_relu_bn"``.
     norm_momentum, norm_epsilon: BatchNorm's.
-    norm_axis_name: under pmap, the axis over which BatchNorm reduces its statistics.
   """
 
   num_classes: int = 10
@@ -92,7 +89,6 @@ class MLP(nn.Module):
   order: str = "conv_bn_relu"
   norm_momentum: float = 0.9
   norm_epsilon: float = 1e-5
-  norm_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:

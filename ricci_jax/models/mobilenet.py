@@ -47,7 +47,6 @@ class MobileNetV1(nn.Module):
     alpha: width multiplier (1.0, 0.75, 0.5, 0.25 in the paper).
     order: ``"conv_bn_relu"`` or ``"conv_relu_bn"``.
     norm_momentum, norm_epsilon: BatchNorm's.
-    norm_axis_name: under pmap, the axis over which BatchNorm reduces its statistics.
   """
 
   num_classes: int = 1000
@@ -57,7 +56,6 @@ class MobileNetV1(nn.Module):
   order: str = "conv_bn_relu"
   norm_momentum: float = 0.9
   norm_epsilon: float = 1e-5
-  norm_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:

@@ -75,7 +75,6 @@ class CifarResNet(nn.Module):
     head_norm: a BatchNorm on the pooled features before the classifier.
     width: channels of the first stage (16 in the paper; stages double it).
     norm_momentum, norm_epsilon: BatchNorm's (PyTorch's 0.1 momentum is 0.9).
-    norm_axis_name: under pmap, the axis over which BatchNorm reduces its statistics.
   """
 
   depth: int = 20
@@ -89,7 +88,6 @@ class CifarResNet(nn.Module):
   width: int = 16
   norm_momentum: float = 0.9
   norm_epsilon: float = 1e-5
-  norm_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:

@@ -73,7 +73,6 @@ class ResNet(nn.Module):
       ReSTE code has one).
     width: channels of the stem and the first stage (64).
     norm_momentum, norm_epsilon: BatchNorm's.
-    norm_axis_name: under pmap, the axis over which BatchNorm reduces its statistics.
   """
 
   depth: int = 18
@@ -86,7 +85,6 @@ class ResNet(nn.Module):
   width: int = 64
   norm_momentum: float = 0.9
   norm_epsilon: float = 1e-5
-  norm_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:

@@ -42,7 +42,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ricci_jax.config import QuantConfig, TensorQuant
+from ricci_jax.quant_config import QuantConfig, TensorQuant
 
 LAYER_SETS = ("inner", "all", "none")
 """The allowed values of :attr:`QuantRule.layers`."""

@@ -1,6 +1,6 @@
 """JSON of quantization configs and model descriptions.
 
-:class:`~ricci_jax.config.TensorQuant`, :class:`~ricci_jax.config.QuantConfig`
+:class:`~ricci_jax.quant_config.TensorQuant`, :class:`~ricci_jax.quant_config.QuantConfig`
 and :class:`~ricci_jax.models.QuantRule` to and from JSON-able dicts, and a
 model of :mod:`ricci_jax.models` as a description (class name, attributes,
 rule) from which :func:`model_from_description` rebuilds it. The packed file's
@@ -16,7 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ricci_jax.config import QuantConfig, TensorQuant
+from ricci_jax.quant_config import QuantConfig, TensorQuant
 from ricci_jax.models import MODELS
 from ricci_jax.models.inspect import architecture
 from ricci_jax.models.rules import QuantRule
@@ -97,13 +97,12 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
   """A JSON-able description from which :func:`model_from_description` rebuilds ``model``.
 
   Only models of :mod:`ricci_jax.models` can be rebuilt from it (their class
-  is looked up by name there). ``norm_axis_name`` (a training-time setting)
-  is left out.
+  is looked up by name there).
 
   Raises:
     DescriptionError: an attribute whose value JSON cannot hold.
   """
-  attrs = {k: _attr_to_json(v) for k, v in architecture(model).items() if k != "norm_axis_name"}
+  attrs = {k: _attr_to_json(v) for k, v in architecture(model).items()}
   return {"class": type(model).__name__, "attrs": attrs, "quant": rule_to_json(getattr(model, "quant", None))}
 
 

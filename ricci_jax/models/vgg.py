@@ -39,7 +39,6 @@ class VGGSmall(nn.Module):
     dtype: compute dtype; logits in ``dtype``.
     order: ``"conv_bn_relu"`` or ``"conv_relu_bn"``.
     norm_momentum, norm_epsilon: BatchNorm's.
-    norm_axis_name: under pmap, the axis over which BatchNorm reduces its statistics.
   """
 
   num_classes: int = 10
@@ -48,7 +47,6 @@ class VGGSmall(nn.Module):
   order: str = "conv_bn_relu"
   norm_momentum: float = 0.9
   norm_epsilon: float = 1e-5
-  norm_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:

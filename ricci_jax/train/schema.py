@@ -22,7 +22,7 @@ import ml_collections
 
 from ricci_jax import data as data_lib
 from ricci_jax import lne, ricci_flow, transform
-from ricci_jax.config import METHODS as QUANT_METHODS
+from ricci_jax.quant_config import METHODS as QUANT_METHODS
 from ricci_jax.estimators import ESTIMATORS
 from ricci_jax.quantizers import SCALE_MODES, check_bits
 
@@ -107,7 +107,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.resume = True
   c.max_consecutive_nonfinite = 20
-  c.pmap = False  # the pmap path instead of jit with shardings
   c.progress = True  # tqdm progress bar
   c.plots = True
   c.stop_after_steps = 0  # > 0: stop (as if interrupted) after this many steps; for tests
@@ -179,6 +178,9 @@ def check_known_keys(config: ml_collections.ConfigDict):
   """Raises if ``config`` has a key the program does not know (e.g. a typo in a config file)."""
   valid = set(_flatten_keys(default_config()))
   for key in _flatten_keys(config):
+    if key == "pmap":
+      raise ValueError("config key 'pmap' was removed: data parallelism is jax.jit over a sharded batch on "
+                       "every device of every process, with nothing to choose; delete the key")
     if key not in valid and not key.startswith("quant.hparams."):
       raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(valid))}")
 

@@ -1,0 +1,30 @@
+"""The training program: from a config to a trained, evaluated, checkpointed run.
+
+* :mod:`~ricci_jax.train.schema`: the config (``ml_collections``), its overrides and its validation;
+* :mod:`~ricci_jax.train.builders`: config -> quantization rule, model, schedules, optimizer;
+* :mod:`~ricci_jax.train.steps`: :class:`TrainState`, :class:`Program`, the jitted train and eval steps;
+* :mod:`~ricci_jax.train.placement`: data parallelism with ``jax.jit`` and shardings, one host or many;
+* :mod:`~ricci_jax.train.checkpoints`: Orbax save, restore and load;
+* :mod:`~ricci_jax.train.loop`: :func:`train` (one seed) and :func:`train_seeds`.
+"""
+
+from ricci_jax.train import builders, checkpoints, loop, placement, schema, steps
+from ricci_jax.train.builders import (
+    FLOAT_BITS,
+    build_model,
+    build_optimizer,
+    build_quant_rule,
+    estimator_schedules,
+    learning_rate_schedule,
+)
+from ricci_jax.train.checkpoints import load_checkpoint
+from ricci_jax.train.loop import NonFiniteLossError, describe_devices, train, train_seeds
+from ricci_jax.train.placement import DataParallel
+from ricci_jax.train.steps import Program, TrainState, build_program, eval_step, train_step
+
+__all__ = [
+    "FLOAT_BITS", "DataParallel", "NonFiniteLossError", "Program", "TrainState", "build_model",
+    "build_optimizer", "build_program", "build_quant_rule", "builders", "checkpoints", "describe_devices",
+    "estimator_schedules", "eval_step", "learning_rate_schedule", "load_checkpoint", "loop", "placement",
+    "schema", "steps", "train", "train_seeds", "train_step",
+]

@@ -1,0 +1,296 @@
+"""The training loop: one seed of a configuration into a working directory, and every seed of it.
+
+:func:`train` runs one seed (the config schema is :mod:`ricci_jax.train.schema`); :func:`train_seeds`
+runs every seed and reports the paper's statistic across them. A run:
+
+* builds the model with its quantization rule, the optimizer (SGD, Adam, or RF-DNN's ``rf_sgd``) and the
+  estimator's hyperparameter schedule, all as traced values so nothing recompiles during training;
+* trains data-parallel with ``jax.jit`` over a ``("data",)`` mesh of every device of every process
+  (:mod:`ricci_jax.train.placement`); the global batch is the same whatever the device count, and each
+  process reads only its own rows of it;
+* augments on the device inside the jitted step, from a key derived from the seed and the step, so a
+  resumed run sees exactly the same batches;
+* skips a step whose loss or gradients are not finite (counted), and stops with a checkpoint and a clear
+  message after too many in a row;
+* writes Orbax checkpoints at every epoch end and every N steps, and resumes from the latest one;
+* shows a tqdm bar (loss, accuracy, images/s), writes ``metrics.jsonl``, ``eval.jsonl`` and
+  ``diagnostics.jsonl`` (per-layer RF-DNN diagnostics), and draws PNG plots; of several processes, the
+  first writes every file but the checkpoints;
+* ends with the paper's statistic: mean and standard deviation of the test accuracy over the last epochs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ricci_jax import data as data_lib
+from ricci_jax import layers, models, reporting, transform
+from ricci_jax.summary import summary as summarize_model
+from ricci_jax.train import builders, checkpoints, schema, steps
+from ricci_jax.train.placement import DataParallel
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised when too many consecutive steps had a non-finite loss or gradient."""
+
+
+def _datasets(config: ml_collections.ConfigDict):
+  d = config.dataset
+  common = dict(source=d.source, data_dir=d.data_dir or None)
+  holdout = d.holdout_validation or d.eval_split == "validation"
+  train = data_lib.load(d.name, "train", batch_size=config.batch_size, seed=config.seed,
+                        validation=holdout, limit=d.train_limit or None, **common)
+  test = data_lib.load(d.name, d.eval_split, batch_size=config.batch_size, seed=config.seed,
+                       drop_remainder=False, limit=d.test_limit or None, **common)
+  return train, test
+
+
+def _init_variables(config, model, train_ds) -> tuple[dict, dict, Any]:
+  """The model's variables, its quantized kernels and their mask over the params."""
+  x = jnp.zeros((1,) + tuple(train_ds.image_shape), jnp.float32)
+  # one compiled program: eager init dispatches every initializer op by op (ResNet-18: 40 s on a CPU)
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(config.seed), x)
+  kernels = models.inspect.quantized_kernels(model, x, train=False)
+  mask = layers.quantized_kernel_mask(variables["params"], kernels)
+  return variables, kernels, mask
+
+
+def _load_init(config: ml_collections.ConfigDict, variables: dict) -> dict:
+  """``variables`` with params and batch statistics from the run ``config.init_from`` (e.g. a float run).
+
+  Float and quantized models have the same parameter tree, so a float run
+  initialises a quantized one (RF-DNN Table 4 starts from pretrained float
+  models). The estimator hyperparameters (``quant``) stay this run's.
+  """
+  run = schema.resolve_init_dir(config.init_from, config.seed)
+  saved = checkpoints.load_checkpoint(run)
+  out = dict(variables)
+  for collection in ("params", "batch_stats"):
+    if collection not in variables:
+      continue
+    want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(variables[collection])}
+    have = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(saved.get(collection, {}))}
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    wrong = sorted(k for k in set(want) & set(have) if tuple(np.shape(have[k])) != tuple(want[k].shape))
+    if missing or extra or wrong:
+      raise ValueError(
+          f"init_from {str(run)!r} does not fit model {config.model.name!r} ({collection}): "
+          f"missing {missing[:5]}, unexpected {extra[:5]}, wrong shapes "
+          f"{[(k, tuple(np.shape(have[k])), tuple(want[k].shape)) for k in wrong[:5]]}. "
+          "Pass a run of the same model and number of classes.")
+    out[collection] = jax.tree_util.tree_map_with_path(
+        lambda k, v: jnp.asarray(have[jax.tree_util.keystr(k)], v.dtype), variables[collection])
+  return out
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Trains one seed of ``config`` in ``workdir`` (resuming if a checkpoint is there).
+
+  Returns:
+    A dict with the final and the last-epochs test accuracy, and run facts.
+  """
+  started = time.perf_counter()
+  workdir = pathlib.Path(workdir)
+  schema.validate(config, workdir)
+  train_ds, test_ds = _datasets(config)
+  steps_per_epoch = train_ds.steps_per_epoch
+  total_steps = config.epochs * steps_per_epoch
+  model = builders.build_model(config, train_ds.num_classes)
+  variables, kernels, mask = _init_variables(config, model, train_ds)
+  if config.init_from:
+    variables = _load_init(config, variables)
+  model_summary = summarize_model(model, variables, input_shape=tuple(train_ds.image_shape))
+  placement = DataParallel()
+  use_rf = config.optimizer.name == "rf_sgd"
+  program, state = steps.build_program(config, model, variables, mask, steps_per_epoch)
+
+  primary = jax.process_index() == 0  # of several processes, the first writes every file but the checkpoints
+  if primary:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    (workdir / "model_summary.txt").write_text(model_summary.text() + "\n")
+    (workdir / "model_summary.json").write_text(
+        json.dumps(reporting.to_jsonable(model_summary.to_dict()), indent=2))
+    if config.progress:
+      print(model_summary, flush=True)
+  metrics_log = reporting.JsonlWriter(workdir / "metrics.jsonl", enabled=primary)
+  eval_log = reporting.JsonlWriter(workdir / "eval.jsonl", enabled=primary)
+  diag_log = reporting.JsonlWriter(workdir / "diagnostics.jsonl", enabled=primary)
+  evals: list[dict] = []  # every process keeps them: the checkpoints carry them, no process reads another's file
+  mgr = checkpoints.manager(workdir, config.keep_checkpoints)
+  start_step = 0
+  if config.resume and mgr.latest_step() is not None:
+    state, saved_meta = checkpoints.restore(mgr, jax.device_get(state))
+    start_step = int(state.step)
+    saved_evals = saved_meta.get("evals")
+    if saved_evals is None:  # a checkpoint written before the evaluations travelled with it
+      saved_evals = reporting.read_jsonl(workdir / "eval.jsonl")
+    evals = [r for r in saved_evals if r["step"] <= start_step]
+    for log in (metrics_log, eval_log, diag_log):
+      log.truncate_after(start_step)
+  else:  # a fresh run: no stale metrics, and the initial state is checkpoint 0
+    for log in (metrics_log, eval_log, diag_log):
+      log.remove()
+
+  train_fn, eval_fn = placement.train_fn(program), placement.eval_fn(program)
+  dstate = placement.state(state)
+  meta = {"steps_per_epoch": steps_per_epoch, "name": config.name, "evals": evals}  # evals grows in place
+  if start_step == 0:
+    checkpoints.save(mgr, jax.device_get(state), meta)
+  n_quant = sum(int(np.size(p)) for p, m in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(mask)) if m)
+  n_params = sum(int(np.size(p)) for p in jax.tree.leaves(variables["params"]))
+
+  progress = _progress_bar(config, total_steps, start_step, config.name or config.model.name)
+  pending: list[dict] = []
+  interval_start, interval_images = time.perf_counter(), 0
+  step = start_step
+  stopped_reason = None
+  try:
+    for epoch in range(start_step // steps_per_epoch, config.epochs):
+      first = step - epoch * steps_per_epoch
+      for batch in train_ds.epoch(epoch, start_step=first):
+        dstate, metrics = train_fn(dstate, placement.batch(batch))
+        step += 1
+        pending.append(metrics)
+        interval_images += config.batch_size
+        progress.update(1)
+        at_log = step % config.log_every_steps == 0 or step % steps_per_epoch == 0
+        if at_log:
+          record = _flush_metrics(pending, step, epoch, interval_images,
+                                  time.perf_counter() - interval_start)
+          pending, interval_start, interval_images = [], time.perf_counter(), 0
+          metrics_log.write(record)
+          progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{100 * record['accuracy']:.1f}%",
+                               img_s=f"{record['images_per_second']:.0f}")
+          if use_rf:
+            diag_log.write({"step": step, "layers": _layer_diagnostics(dstate)})
+          streak = int(dstate.nonfinite_streak)
+          if streak >= config.max_consecutive_nonfinite:
+            stopped_reason = "nonfinite"
+            break
+        if step % config.checkpoint_every_steps == 0:
+          checkpoints.save(mgr, placement.unstate(dstate), meta)
+        if config.stop_after_steps and step >= config.stop_after_steps:
+          stopped_reason = "stop_after_steps"
+          break
+      if stopped_reason:
+        break
+      if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.epochs:
+        result = _evaluate(placement, eval_fn, dstate, test_ds)
+        evals.append({"step": step, "epoch": epoch + 1, **result})
+        eval_log.write(evals[-1])
+        progress.write(f"epoch {epoch + 1}/{config.epochs}: test accuracy {100 * result['accuracy']:.2f}% "
+                       f"(loss {result['loss']:.4f})")
+      checkpoints.save(mgr, placement.unstate(dstate), meta)
+  finally:
+    progress.close()
+
+  host_state = placement.unstate(dstate)
+  checkpoints.save(mgr, host_state, meta)
+  if stopped_reason == "nonfinite":
+    raise NonFiniteLossError(
+        f"stopped at step {step}: {config.max_consecutive_nonfinite} consecutive steps had a non-finite "
+        f"loss or gradient ({int(host_state.nonfinite_total)} in total). The last good state is saved in "
+        f"{workdir / 'checkpoints'}; lower the learning rate or check the data.")
+  accs = [r["accuracy"] for r in evals]
+  summary = {
+      "name": config.name, "seed": config.seed, "steps": step, "epochs_done": len(evals),
+      "interrupted": stopped_reason == "stop_after_steps",
+      "final_test_accuracy": accs[-1] if accs else float("nan"),
+      "last_epochs": reporting.last_epochs_statistic(accs, config.last_epochs),
+      "nonfinite_steps": int(host_state.nonfinite_total),
+      "parameters": n_params, "quantized_weights": n_quant,
+      "quantized_layers": ["/".join(k) for k in kernels],
+      "model_summary": model_summary.totals(),
+      "seconds": time.perf_counter() - started,  # this invocation (compilation and evaluation included)
+      "device": describe_devices(),
+      "source": reporting.source_version(),
+  }
+  if primary:
+    (workdir / "results.json").write_text(json.dumps(reporting.to_jsonable(summary), indent=2))
+  if config.plots and primary:
+    title = f"{config.name or config.model.name} (seed {config.seed})"
+    reporting.plot_training(reporting.read_jsonl(workdir / "metrics.jsonl"), evals, workdir / "training.png", title)
+    if use_rf:
+      reporting.plot_diagnostics(reporting.read_jsonl(workdir / "diagnostics.jsonl"),
+                                 workdir / "diagnostics.png", title)
+  return summary
+
+
+def _progress_bar(config, total: int, initial: int, desc: str):
+  from tqdm.auto import tqdm  # noqa: PLC0415
+
+  return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+              disable=not config.progress or jax.process_index() != 0, mininterval=1.0)
+
+
+def _flush_metrics(pending, step, epoch, images, seconds) -> dict:
+  host = jax.device_get(pending)
+  keys = host[0].keys()
+  record = {k: float(np.mean([float(h[k]) for h in host])) for k in keys if k != "finite"}
+  record["nonfinite_in_interval"] = int(sum(not bool(h["finite"]) for h in host))
+  record.update(step=step, epoch=epoch, images_per_second=images / max(seconds, 1e-9))
+  return record
+
+
+def _layer_diagnostics(dstate) -> dict:
+  diags = transform.layer_diagnostics(dstate.opt_state)
+  return {name: {k: float(v) for k, v in d._asdict().items()} for name, d in jax.device_get(diags).items()}
+
+
+def _evaluate(placement, eval_fn, dstate, test_ds) -> dict:
+  totals = {"loss_sum": 0.0, "correct": 0.0, "correct_top5": 0.0, "count": 0.0}
+  for batch in test_ds.epoch(0):
+    out = eval_fn(dstate, placement.batch(batch))
+    for k in totals:
+      totals[k] += float(out[k])
+  count = max(totals["count"], 1.0)
+  return {"accuracy": totals["correct"] / count, "top5_accuracy": totals["correct_top5"] / count,
+          "loss": totals["loss_sum"] / count, "examples": int(count)}
+
+
+def describe_devices() -> str:
+  """The accelerator the run used, e.g. ``1 x NVIDIA H100 80GB HBM3 (gpu), jax 0.11.2``."""
+  dev = jax.devices()[0]
+  return f"{jax.device_count()} x {dev.device_kind} ({dev.platform}), jax {jax.__version__}"
+
+
+def _finished(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict | None:
+  """The results of a run already finished in ``workdir`` with this very config, else None.
+
+  With ``config.resume`` a finished seed is not trained again, even when its
+  checkpoints were deleted (its ``config.json`` and ``results.json`` suffice).
+  """
+  results, saved = workdir / "results.json", workdir / "config.json"
+  if not (config.resume and results.is_file() and saved.is_file()):
+    return None
+  if saved.read_text() != config.to_json_best_effort(indent=2):
+    return None
+  summary = json.loads(results.read_text())
+  return None if summary.get("interrupted") else summary
+
+
+def train_seeds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Runs every seed (``config.seeds``, or ``config.seed``) and summarises across them."""
+  workdir = pathlib.Path(workdir)
+  seeds = list(config.seeds) or [config.seed]
+  per_seed = []
+  for seed in seeds:
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.seed = int(seed)
+    run_dir = workdir / f"seed_{seed}" if len(seeds) > 1 else workdir
+    per_seed.append(_finished(cfg, run_dir) or train(cfg, run_dir))
+  stats = reporting.across_seeds([r["last_epochs"] for r in per_seed])
+  summary = {"name": config.name, "seeds": seeds, "runs": per_seed, "across_seeds": stats}
+  if jax.process_index() == 0:
+    (workdir / "summary.json").write_text(json.dumps(reporting.to_jsonable(summary), indent=2))
+  return summary

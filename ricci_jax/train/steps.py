@@ -1,0 +1,178 @@
+"""The jitted steps: the state a step changes, the program's pure functions, one training and one
+evaluation step.
+
+The steps are written for the global batch: under ``jax.jit`` with the batch sharded over a mesh
+(:mod:`ricci_jax.train.placement`), the compiler inserts the reductions across devices and hosts, so
+batch-norm statistics, the loss and the gradients are those of the whole batch, as on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from ricci_jax import data as data_lib
+from ricci_jax import layers, transform
+from ricci_jax.ricci_flow import Shifts, translated_grads
+from ricci_jax.train import builders
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes; saved whole in every checkpoint."""
+
+  step: Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  quant: Any  # the "quant" collection: estimator hyperparameters at their initial values
+  nonfinite_total: Array
+  nonfinite_streak: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """The pure functions of one configuration (closures over static structure)."""
+
+  model: nn.Module
+  tx: optax.GradientTransformationExtraArgs
+  lr: optax.Schedule
+  hparam_schedules: dict
+  dataset: str
+  augment: str
+  seed: int
+  rfdnn: bool
+  fraction: float
+  shifts: Shifts
+  translation: str
+  quantized: Any = None  # bools like the params: the quantized kernels (for their flip rate)
+
+
+def _augment(program: Program, key: Array, images: Array) -> Array:
+  if program.augment == "none":
+    return data_lib.preprocess(program.dataset, images)
+  if program.augment == "crop_flip":
+    return data_lib.augment(program.dataset, key, images, pad=4, flip=True)
+  return data_lib.augment(program.dataset, key, images)
+
+
+def _scheduled_quant(program: Program, quant: Any, step: Array) -> Any:
+  if not program.hparam_schedules or not jax.tree.leaves(quant):
+    return quant
+  return layers.set_quant_hparams(quant, **{k: s(step) for k, s in program.hparam_schedules.items()})
+
+
+def _loss(program: Program, params, batch_stats, quant, images, labels, mask):
+  variables = {"params": params, "batch_stats": batch_stats, "quant": quant}
+  logits, new_vars = program.model.apply(variables, images, train=True, mutable=["batch_stats"])
+  logits = logits.astype(jnp.float32)
+  per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  weights = mask.astype(jnp.float32)
+  loss = jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  return loss, (logits, new_vars["batch_stats"])
+
+
+def _all_finite(tree) -> Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)] or [jnp.array(True)]))
+
+
+def build_program(config: ml_collections.ConfigDict, model: nn.Module, variables: dict, quantized_mask: Any,
+                  steps_per_epoch: int) -> tuple[Program, TrainState]:
+  """The configuration's :class:`Program` (optimizer, schedules, augmentation) and its initial :class:`TrainState`.
+
+  ``variables`` are the model's (``model.init``); ``quantized_mask`` marks the
+  quantized kernels among the params (:func:`ricci_jax.layers.quantized_kernel_mask`).
+  ``jax.jit(functools.partial(train_step, program))`` is then the program's step.
+  """
+  lr = builders.learning_rate_schedule(config, steps_per_epoch)
+  tx = builders.build_optimizer(config, lr, quantized_mask)
+  program = Program(
+      model=model, tx=tx, lr=lr, hparam_schedules=builders.estimator_schedules(config, steps_per_epoch),
+      dataset=config.dataset.name, augment=config.dataset.augment, seed=config.seed,
+      rfdnn=config.optimizer.name == "rf_sgd", fraction=config.rfdnn.fraction,
+      shifts=Shifts(*map(int, config.rfdnn.shifts)), translation=config.rfdnn.translation,
+      quantized=quantized_mask)
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables["params"],
+      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]),
+      quant=variables.get("quant", {}), nonfinite_total=jnp.zeros((), jnp.int32),
+      nonfinite_streak=jnp.zeros((), jnp.int32))
+  return program, state
+
+
+def _flip_rate(old, new, quantized) -> Array:
+  """The share of quantized latent weights whose sign (hence whose binary value) changed in this step."""
+  flips, total = jnp.zeros((), jnp.int32), 0
+  for o, n, q in zip(jax.tree.leaves(old), jax.tree.leaves(new), jax.tree.leaves(quantized)):
+    if q:
+      flips = flips + jnp.sum((o >= 0) != (n >= 0)).astype(jnp.int32)
+      total += o.size
+  return flips.astype(jnp.float32) / max(total, 1)
+
+
+def train_step(program: Program, state: TrainState, batch: dict):
+  """One optimisation step; returns the new state and this step's metrics (device arrays)."""
+  key = jax.random.fold_in(jax.random.key(program.seed), state.step)
+  images = _augment(program, key, batch["image"])
+  labels, mask = batch["label"], batch["mask"]
+  quant = _scheduled_quant(program, state.quant, state.step)
+  loss_fn = functools.partial(_loss, program)
+  (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, state.batch_stats, quant, images, labels, mask)
+  extra = {}
+  if program.rfdnn:
+    def plain_loss(p, b):
+      return loss_fn(p, state.batch_stats, quant, b["image"], b["label"], b["mask"])[0]
+    extra["translated_grads"] = translated_grads(
+        plain_loss, state.params, {"image": images, "label": labels, "mask": mask}, program.shifts,
+        program.fraction, mode=program.translation)
+  updates, new_opt = program.tx.update(grads, state.opt_state, state.params, **extra)
+  new_params = optax.apply_updates(state.params, updates)
+
+  finite = jnp.isfinite(loss) & _all_finite(grads)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+  new_state = TrainState(
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      batch_stats=keep(new_stats, state.batch_stats),
+      opt_state=keep(new_opt, state.opt_state),
+      quant=state.quant,
+      nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+      nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+  )
+  correct = jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
+  count = jnp.sum(mask)
+  metrics = {"loss": loss, "accuracy": correct / jnp.maximum(count, 1), "finite": finite,
+             "learning_rate": program.lr(state.step)}
+  metrics.update({f"hparam/{k}": s(state.step) for k, s in program.hparam_schedules.items()})
+  if program.quantized is not None:
+    metrics["quant/flip_rate"] = _flip_rate(state.params, new_state.params, program.quantized)
+  if program.rfdnn:
+    metrics.update(transform.summarize_diagnostics(new_state.opt_state))
+  return new_state, metrics
+
+
+def eval_step(program: Program, state: TrainState, batch: dict):
+  """Sums of loss and correct predictions over the real (unmasked) examples of a batch."""
+  images = data_lib.preprocess(program.dataset, batch["image"])
+  quant = _scheduled_quant(program, state.quant, state.step)
+  variables = {"params": state.params, "batch_stats": state.batch_stats, "quant": quant}
+  logits = program.model.apply(variables, images, train=False).astype(jnp.float32)
+  per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  mask = batch["mask"].astype(jnp.float32)
+  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  out = {"loss_sum": jnp.sum(per_example * mask),
+         "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+         "correct_top5": jnp.sum(jnp.any(top5 == batch["label"][:, None], axis=-1) * mask),
+         "count": jnp.sum(mask)}
+  return out
