@@ -69,10 +69,18 @@ def _where(results: pathlib.Path) -> str:
       continue
     devices = sorted({r.get("device") or "unrecorded" for r in runs})
     commits = sorted({(r.get("source") or {}).get("commit") or "" for r in runs})
-    dirty = any((r.get("source") or {}).get("dirty") for r in runs)
+    dirty = [r for r in runs if (r.get("source") or {}).get("dirty")]
     timed = sum(r.get("seconds") is not None for r in runs)
     if any(commits):
-      code = ", ".join(c[:10] for c in commits if c) + (" (dirty)" if dirty else " (clean)")
+      code = ", ".join(c[:10] for c in commits if c)
+      if dirty:
+        changes = sorted({c for r in dirty for c in (r["source"].get("changes") or [])})
+        code += (f" ({len(dirty)} of {len(runs)} runs from a dirty tree"
+                 + (f": {', '.join(f'`{c.strip()}`' for c in changes)}" if changes else ", paths not recorded")
+                 + (f"; see `{folder}/PROTOCOL.md`, deviations" if (results / folder / "PROTOCOL.md").is_file()
+                    else "") + ")")
+      else:
+        code += " (clean)"
     elif timed == 0 and all(r.get("device") for r in runs):
       code = ("not recorded; an uncommitted version: the records have `device` but no `seconds`, and every "
               "committed version writes both (commit 2bdf189 added them together)")
