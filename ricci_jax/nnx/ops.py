@@ -1,0 +1,116 @@
+"""The quantizing ops that :func:`ricci_jax.nnx.quantize` injects into NNX layers.
+
+``nnx.Linear`` calls ``self.dot_general(inputs, kernel, dimension_numbers,
+...)`` and ``nnx.Conv`` calls ``self.conv_general_dilated(inputs, kernel,
+...)``: both are attributes of the layer instance, the NNX twins of Linen's
+``dot_general_cls`` / ``conv_general_dilated_cls``. :class:`QuantDot` and
+:class:`QuantConv` take those places. Each quantizes the kernel (``rhs``)
+and, when its config says so, the input (``lhs``) with
+:func:`ricci_jax.layers.quantize_tensor` (the same ``custom_vjp`` quantizers
+and estimators as the Linen layers), then calls the plain ``lax`` op. So for
+a 1-bit weight with the clipped STE the layer computes ``y = x sign(W) + b``
+and its kernel gradient is ``dL/dW = (dL/dW_q) * 1[|W| <= clip]``.
+
+The ops hold no parameter, so a quantized model's ``nnx.Param`` state has
+the same paths and shapes as its float twin's. Estimator hyperparameters
+are :class:`QuantHparam` variables (one per name, under ``weight`` / ``act``),
+arrays that a jitted step reads as traced inputs: a schedule that changes
+them never recompiles, and ``nnx.split(model, nnx.Param, QuantHparam, ...)``
+separates them from the trained parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+from jax import lax
+
+from ricci_jax.estimators import get_estimator
+from ricci_jax.layers import quantize_tensor
+from ricci_jax.quant_config import QuantConfig, TensorQuant
+
+OPERANDS = ("weight", "act")
+"""The operands of a quantized contraction: the kernel and the layer's input."""
+
+
+class QuantHparam(nnx.Variable):
+  """An estimator hyperparameter of one quantized operand (a float32 array, possibly traced)."""
+
+
+def operand_hparams(spec: TensorQuant | None) -> nnx.Dict | None:
+  """The operand's initial hyperparameters as :class:`QuantHparam` variables (``None``: none).
+
+  The values are those the Linen layers start from: the estimator's
+  defaults completed by ``spec.hparams`` (ridge has no estimator).
+  """
+  if spec is None or spec.method == "ridge":
+    return None
+  init = get_estimator(spec.estimator).resolve(spec.hparams_dict)
+  if not init:
+    return None
+  return nnx.Dict({name: QuantHparam(value) for name, value in sorted(init.items())})
+
+
+class QuantOp(nnx.Module):
+  """What both ops share: the config and the hyperparameter variables.
+
+  Attributes:
+    config: the :class:`ricci_jax.QuantConfig` (static: it is part of the
+      graph definition, like a Linen module's attribute).
+    weight, act: ``nnx.Dict`` of :class:`QuantHparam` per operand, or ``None``.
+  """
+
+  def __init__(self, config: QuantConfig):
+    if not isinstance(config, QuantConfig) or not config.enabled:
+      raise ValueError(f"a quantizing op needs an enabled QuantConfig, got {config!r}")
+    self.config = config
+    self.weight = nnx.data(operand_hparams(config.weight))
+    self.act = nnx.data(operand_hparams(config.act))
+
+  def hparams(self, operand: str) -> dict[str, jax.Array]:
+    """The current values of one operand's hyperparameters."""
+    values = getattr(self, operand)
+    return {} if values is None else {k: v[...] for k, v in values.items()}
+
+  def quantize(self, operand: str, x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``x`` quantized as ``config.<operand>`` says (unchanged when that is ``None``)."""
+    spec = getattr(self.config, operand)
+    if spec is None:
+      return x
+    return quantize_tensor(x, spec, axes, self.hparams(operand))
+
+
+class QuantDot(QuantOp):
+  """A ``lax.dot_general`` that quantizes its operands first (``nnx.Linear.dot_general``).
+
+  ``lhs`` is the activation and ``rhs`` the kernel (in_features, out_features),
+  as ``nnx.Linear`` calls it; both are quantized along their contraction axes.
+  """
+
+  def __call__(self, lhs, rhs, dimension_numbers, precision=None, **kwargs: Any):
+    (lhs_contract, rhs_contract), _ = dimension_numbers
+    lhs = self.quantize("act", lhs, tuple(lhs_contract))
+    rhs = self.quantize("weight", rhs, tuple(rhs_contract))
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
+
+
+class QuantConv(QuantOp):
+  """A ``lax.conv_general_dilated`` that quantizes its operands first (``nnx.Conv.conv_general_dilated``).
+
+  The activation's contraction axis is its feature axis; the kernel's are all
+  but its output-feature axis, in memory order (H, W, I for HWIO), so the
+  channel scale and ridge blocks follow the layout (as in the Linen op).
+  """
+
+  def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+               dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+               **kwargs: Any):
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    lhs = self.quantize("act", lhs, (dn.lhs_spec[1],))
+    rhs = self.quantize("weight", rhs, tuple(sorted(dn.rhs_spec[1:])))
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dn, feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision, **kwargs)

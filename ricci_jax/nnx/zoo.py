@@ -1,0 +1,102 @@
+"""NNX versions of zoo models, with the Linen zoo's layer names, and loading Linen weights into them.
+
+:class:`LeNet5` is :class:`ricci_jax.models.mnist.LeNet5` written in NNX:
+the same layers under the same names (``conv_init``, ``bn_init``, ``conv1``,
+``bn1``, ``dense1``, ``bn_dense1``, ``dense2``, ``bn_dense2``, ``head``), the
+same initialisers, BatchNorm momentum and epsilon, and the same ``order``s.
+So a Linen variables dict loads into it leaf for leaf
+(:func:`load_linen_variables`), and with equal weights both give the same
+logits and gradients. It is built float; quantize it like any NNX model,
+with :func:`ricci_jax.nnx.quantize` and a ``QuantRule``: in definition (and
+call) order ``conv_init`` is first and ``head`` last, as in the Linen model.
+
+Train / eval mode is NNX's: ``model.train()`` uses batch statistics (and
+updates the running ones), ``model.eval()`` the running ones; the Linen
+model's ``train=`` flag.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ricci_jax.models.common import CONV_INIT, check_order
+
+
+def _conv(in_features: int, features: int, kernel: int, padding: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Conv:
+  return nnx.Conv(in_features, features, (kernel, kernel), padding=((padding, padding), (padding, padding)),
+                  use_bias=False, dtype=dtype, kernel_init=CONV_INIT, rngs=rngs)
+
+
+def _norm(features: int, momentum: float, epsilon: float, dtype: Any, rngs: nnx.Rngs) -> nnx.BatchNorm:
+  return nnx.BatchNorm(features, momentum=momentum, epsilon=epsilon, dtype=dtype, rngs=rngs)
+
+
+class LeNet5(nnx.Module):
+  """A LeNet-5 style CNN for 28x28x1 images (the Linen zoo's ``lenet5``, in NNX).
+
+  Args:
+    num_classes: classifier outputs.
+    dtype: compute dtype; logits in ``dtype``.
+    order: ``"conv_bn_relu"`` or ``"conv_relu_bn"`` (see :mod:`ricci_jax.models.common`).
+    norm_momentum, norm_epsilon: BatchNorm's.
+    rngs: the parameters' initialisation.
+  """
+
+  def __init__(self, num_classes: int = 10, *, dtype: Any = jnp.float32, order: str = "conv_bn_relu",
+               norm_momentum: float = 0.9, norm_epsilon: float = 1e-5, rngs: nnx.Rngs):
+    check_order(order)
+    self.order = order
+    norm = lambda n: _norm(n, norm_momentum, norm_epsilon, dtype, rngs)  # noqa: E731
+    self.conv_init = _conv(1, 6, 5, 2, dtype, rngs)
+    self.bn_init = norm(6)
+    self.conv1 = _conv(6, 16, 5, 0, dtype, rngs)
+    self.bn1 = norm(16)
+    self.dense1 = nnx.Linear(400, 120, use_bias=False, dtype=dtype, rngs=rngs)
+    self.bn_dense1 = norm(120)
+    self.dense2 = nnx.Linear(120, 84, use_bias=False, dtype=dtype, rngs=rngs)
+    self.bn_dense2 = norm(84)
+    self.head = nnx.Linear(84, num_classes, use_bias=True, dtype=dtype, rngs=rngs)
+
+  def _unit(self, layer, bn, x):
+    y = layer(x)
+    return bn(nnx.relu(y)) if self.order == "conv_relu_bn" else nnx.relu(bn(y))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Logits (batch, num_classes) for NHWC images (batch, 28, 28, 1)."""
+    x = nnx.max_pool(self._unit(self.conv_init, self.bn_init, x), (2, 2), strides=(2, 2))
+    x = nnx.max_pool(self._unit(self.conv1, self.bn1, x), (2, 2), strides=(2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = self._unit(self.dense1, self.bn_dense1, x)
+    x = self._unit(self.dense2, self.bn_dense2, x)
+    return self.head(x)
+
+
+def load_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> nnx.Module:
+  """Loads a Linen variables dict (``{"params": ..., "batch_stats": ...}``) into ``model``, in place.
+
+  ``params`` go to the ``nnx.Param`` state and ``batch_stats`` to the
+  ``nnx.BatchStat`` state, by path: the model must name its layers as the
+  Linen model does (the zoo versions here do). A missing or extra leaf, or
+  a wrong shape, raises ``ValueError`` naming it.
+  """
+  for collection, kind in (("params", nnx.Param), ("batch_stats", nnx.BatchStat)):
+    state = nnx.state(model, kind)
+    given = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables.get(collection, {})), sep="/")
+    want = {"/".join(str(k) for k in path): v for path, v in nnx.to_flat_state(state)}
+    if set(given) != set(want):
+      raise ValueError(f"{collection} do not match the NNX model: missing {sorted(set(want) - set(given))}, "
+                       f"not in the model {sorted(set(given) - set(want))}")
+    for key, value in given.items():
+      if tuple(jnp.shape(value)) != tuple(want[key].shape):
+        raise ValueError(f"{collection} {key} has shape {tuple(jnp.shape(value))}, the model's is "
+                         f"{tuple(want[key].shape)}")
+    nnx.replace_by_pure_dict(state, flax.traverse_util.unflatten_dict(
+        {tuple(k.split("/")): jnp.asarray(v, want[k].dtype) for k, v in given.items()}))
+    nnx.update(model, state)
+  return model
