@@ -1,5 +1,8 @@
 """Flax NNX models: quantized in place by a rule, trained with RF-DNN (ricci_jax.nnx)."""
 
+import os
+import pathlib
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,7 @@ from flax import nnx
 import ricci_jax as rj
 from ricci_jax import models
 from ricci_jax import nnx as rjn
-from ricci_jax.nnx.zoo import LeNet5, load_linen_variables
+from ricci_jax.nnx.zoo import CifarResNet, LeNet5, load_linen_variables
 
 W1 = rj.TensorQuant(bits=1)  # sign forward, clipped STE backward (|w| <= clip)
 W1A1 = rj.QuantRule(layers="all", weight=W1, act=rj.TensorQuant(bits=1))
@@ -150,17 +153,20 @@ def test_quantizing_keeps_the_param_state_and_a_float_checkpoint_loads():
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("quantized", [False, True])
-def test_nnx_lenet5_equals_the_linen_zoo_lenet5(quantized):
+@pytest.mark.parametrize("name,quantized", [("lenet5", False), ("lenet5", True), ("resnet20", True)])
+def test_nnx_zoo_models_equal_the_linen_zoo_models(name, quantized):
   rule = rj.QuantRule(weight=rj.TensorQuant(bits=1, estimator="reste", scale="tensor")) if quantized else None
-  linen = models.create("lenet5", num_classes=10, quant=rule)
-  x = jax.random.normal(jax.random.key(0), (8, 28, 28, 1))
-  y = jnp.arange(8) % 10
+  linen = models.create(name, num_classes=10, quant=rule)
+  n = 8 if name == "lenet5" else 2
+  x = jax.random.normal(jax.random.key(0), (n, *models.input_shape(name)))
+  y = jnp.arange(n) % 10
   variables = linen.init(jax.random.key(1), x, train=False)
-  model = load_linen_variables(LeNet5(rngs=nnx.Rngs(0)), variables)
+  model = LeNet5(rngs=nnx.Rngs(0)) if name == "lenet5" else CifarResNet(20, rngs=nnx.Rngs(0))
+  load_linen_variables(model, variables)
   if quantized:
     rjn.quantize(model, rule, x)
-    assert {p for p, c in rjn.quant_plan(model).items() if c} == {"conv1", "dense1", "dense2"}
+    linen_plan = {p for p, c in models.layer_plan(linen, x, train=False).items() if c}
+    assert {p for p, c in rjn.quant_plan(model).items() if c} == linen_plan
   model.eval()
   np.testing.assert_array_equal(model(x), linen.apply(variables, x, train=False))
 
@@ -315,3 +321,19 @@ def test_quantizing_twice_and_other_bad_calls_are_refused():
     rjn.quantize(models.create("lenet5", num_classes=10), rj.QuantRule(weight=W1))
   with pytest.raises(ValueError, match=r"no quantized operand has hyperparameter\(s\) \['o'\]; present: \['clip'\]"):
     rjn.set_hparams(model, o=1.0)
+
+
+# ----------------------------------------------------------------------------
+# The example program, in small mode.
+# ----------------------------------------------------------------------------
+
+
+def test_the_nnx_example_runs_in_small_mode(capsys):
+  from experiments import nnx_example
+  default = pathlib.Path(os.environ.get("RICCI_JAX_DATA_DIR", "/usr/share/datasets")) / "fashion-mnist"
+  if not (default / "train-images-idx3-ubyte.gz").exists():
+    pytest.skip("Fashion-MNIST files not found")
+  result = nnx_example.main(["--small", "--data-dir", str(default)])
+  out = capsys.readouterr().out
+  assert "'conv1': 'float'" in out and "'conv2': '1-bit'" in out and "'out': 'float'" in out
+  assert np.isfinite(result["loss"]) and 0.0 <= result["test_accuracy"] <= 1.0

@@ -1,5 +1,8 @@
 """NNX versions of zoo models, with the Linen zoo's layer names, and loading Linen weights into them.
 
+:class:`CifarResNet` (``resnet20`` ... with the Linen defaults: option-A
+shortcuts, no Bi-Real shortcuts) is built the same way as :class:`LeNet5`.
+
 :class:`LeNet5` is :class:`ricci_jax.models.mnist.LeNet5` written in NNX:
 the same layers under the same names (``conv_init``, ``bn_init``, ``conv1``,
 ``bn1``, ``dense1``, ``bn_dense1``, ``dense2``, ``bn_dense2``, ``head``), the
@@ -25,12 +28,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ricci_jax.models.common import CONV_INIT, check_order
+from ricci_jax.models.common import CONV_INIT, check_order, shortcut_a
 
 
-def _conv(in_features: int, features: int, kernel: int, padding: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Conv:
-  return nnx.Conv(in_features, features, (kernel, kernel), padding=((padding, padding), (padding, padding)),
-                  use_bias=False, dtype=dtype, kernel_init=CONV_INIT, rngs=rngs)
+def _conv(in_features: int, features: int, kernel: int, padding: int, dtype: Any, rngs: nnx.Rngs,
+          strides: int = 1) -> nnx.Conv:
+  return nnx.Conv(in_features, features, (kernel, kernel), strides=(strides, strides),
+                  padding=((padding, padding), (padding, padding)), use_bias=False, dtype=dtype,
+                  kernel_init=CONV_INIT, rngs=rngs)
 
 
 def _norm(features: int, momentum: float, epsilon: float, dtype: Any, rngs: nnx.Rngs) -> nnx.BatchNorm:
@@ -74,6 +79,71 @@ class LeNet5(nnx.Module):
     x = x.reshape(x.shape[0], -1)
     x = self._unit(self.dense1, self.bn_dense1, x)
     x = self._unit(self.dense2, self.bn_dense2, x)
+    return self.head(x)
+
+
+class CifarResNet(nnx.Module):
+  """The CIFAR ResNet of depth ``6n + 2`` with option-A shortcuts (the Linen zoo's ``resnet20`` ..., in NNX).
+
+  Layer names as in :class:`ricci_jax.models.resnet_cifar.CifarResNet`
+  (``conv_init``, ``stage{s}_block{b}_conv1`` / ``_bn1`` / ``_conv2`` /
+  ``_bn2``, ``head_bn`` when ``head_norm``, ``head``), a flat parameter tree,
+  the parameter-free "option A" shortcut (subsample, zero-pad channels) and
+  no Bi-Real shortcuts: the Linen defaults.
+
+  Args:
+    depth: 20, 32, 44, 56, 110 or any ``6n + 2``.
+    num_classes, dtype, order, norm_momentum, norm_epsilon: as for :class:`LeNet5`.
+    head_norm: a BatchNorm on the pooled features before the classifier.
+    width: channels of the first stage (stages double it).
+    in_features: input channels.
+    rngs: the parameters' initialisation.
+  """
+
+  def __init__(self, depth: int = 20, num_classes: int = 10, *, dtype: Any = jnp.float32,
+               order: str = "conv_bn_relu", head_norm: bool = False, width: int = 16, in_features: int = 3,
+               norm_momentum: float = 0.9, norm_epsilon: float = 1e-5, rngs: nnx.Rngs):
+    check_order(order)
+    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+      raise ValueError(f"a CIFAR ResNet has depth 6n + 2 (20, 32, 44, 56, 110, ...), got {depth!r}")
+    self.order, self.head_norm = order, head_norm
+    norm = lambda n: _norm(n, norm_momentum, norm_epsilon, dtype, rngs)  # noqa: E731
+    self.conv_init = _conv(in_features, width, 3, 1, dtype, rngs)
+    self.bn_init = norm(width)
+    blocks = []  # (name, features, strides)
+    features_in = width
+    for s, features in enumerate((width, 2 * width, 4 * width), start=1):
+      for b in range((depth - 2) // 6):
+        name, strides = f"stage{s}_block{b}", 2 if (b == 0 and s > 1) else 1
+        setattr(self, f"{name}_conv1", _conv(features_in, features, 3, 1, dtype, rngs, strides))
+        setattr(self, f"{name}_bn1", norm(features))
+        setattr(self, f"{name}_conv2", _conv(features, features, 3, 1, dtype, rngs))
+        setattr(self, f"{name}_bn2", norm(features))
+        blocks.append((name, features, strides))
+        features_in = features
+    self.blocks = tuple(blocks)  # static: part of the graph definition
+    if head_norm:
+      self.head_bn = norm(features_in)
+    self.head = nnx.Linear(features_in, num_classes, dtype=dtype, rngs=rngs)
+
+  def _unit(self, name, x, before_add=False):
+    y = getattr(self, name.replace("bn", "conv"))(x)
+    if self.order == "conv_relu_bn":
+      return getattr(self, name)(nnx.relu(y))
+    y = getattr(self, name)(y)
+    return y if before_add else nnx.relu(y)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Logits (batch, num_classes) for NHWC images (batch, 32, 32, 3)."""
+    x = self._unit("bn_init", x)
+    for name, features, strides in self.blocks:
+      sc = shortcut_a(x, features, strides) if strides != 1 or x.shape[-1] != features else x
+      y = self._unit(f"{name}_bn1", x)
+      y = self._unit(f"{name}_bn2", y, before_add=True) + sc
+      x = nnx.relu(y) if self.order == "conv_bn_relu" else y
+    x = jnp.mean(x, axis=(1, 2))
+    if self.head_norm:
+      x = self.head_bn(x)
     return self.head(x)
 
 
