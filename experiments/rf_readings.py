@@ -478,7 +478,9 @@ def render(records: list[dict], plan: Plan, determinism: dict | None, command: s
   lines += ["## What each arm did to the weights", "",
             "Means over the test runs: the share of quantized weights whose sign flips per step, the latent weights' "
             "RMS and share beyond the clip |w| > 1 at the end (mean over layers); for RF-DNN arms, per-layer means over "
-            "training of the correction |u - d|/|d|, s, the regulariser |alpha grad N|/|d| and the gate's open share.",
+            "training of the correction |u - d|/|d|, s, the regulariser |alpha grad N|/|d| and the gate's open share. "
+            "Seconds: wall time per run, on a machine that other jobs shared at times: not a measure of cost "
+            "(`benchmarks/` measures that).",
             ""]
   rows = []
   for arm in plan.arms:
@@ -515,6 +517,10 @@ def render(records: list[dict], plan: Plan, determinism: dict | None, command: s
              f"{_signed(v['vs_control']['mean'])}", _p(v["vs_control"]["p"])] for k, v in a["followups"].items()]
     lines.append(reporting.markdown_table(
         ["run", "accuracy %", "std of seeds", "minus its reading (95% CI)", "p", "minus clipped STE", "p"], rows))
+  elif any(v["beats_null"] for v in a["vs_null"].values()):
+    lines += [f"Not finished: {', '.join(k for k, v in a['vs_null'].items() if v['beats_null'])} beat the null, so by "
+              "the protocol its regulariser-ratio and gate variants are trained (`--stage followup`); they are not "
+              "all in the data yet.", ""]
   else:
     lines += ["None ran: no reading beat the null control on the test seeds, so by the protocol the "
               "regulariser-ratio and gate variants were not trained.", ""]

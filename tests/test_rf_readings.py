@@ -134,3 +134,11 @@ def test_the_report_names_dirty_runs_and_what_differed():
   assert f"2 of {len(records)} runs were made from a DIRTY tree" in text
   assert "`?? results/x.json`" in text and "` M ricci_jax/lne.py`" in text
   assert "1 of them predate the record of which paths differed" in text
+
+
+def test_the_report_says_follow_ups_are_pending_when_a_reading_beat_the_null():
+  plan = rf_readings.Plan(quick=False)
+  text = rf_readings.render(_study(plan, {"rfdnn_hessian": 0.01}), plan, None, "cmd")
+  assert "Not finished: rfdnn_hessian beat the null" in text and "None ran" not in text
+  text = rf_readings.render(_study(plan, {}), plan, None, "cmd")
+  assert "None ran: no reading beat the null control" in text
