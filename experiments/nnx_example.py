@@ -8,7 +8,12 @@ The model below is plain NNX, written without ricci-jax in mind.
 forward, clipped STE backward; the first conv and the classifier stay float,
 the usual BNN practice), ``ricci_jax.nnx.kernel_mask`` tells ``rf_sgd``
 which kernels are quantized, and every step feeds ``rf_sgd`` the four
-translated gradients of RF-DNN (``ricci_jax.nnx.translated_grads``). The
+translated gradients of RF-DNN (``ricci_jax.nnx.translated_grads``). Then
+the trained model is summarised (``ricci_jax.summary``), packed at its bit
+width (``ricci_jax.export.pack``, ``save``) and served from the file
+(``ricci_jax.inference.Predictor``, given a fresh ``SmallCNN``: a file cannot
+rebuild a user's own class), and the served logits are checked to be the
+model's eval-mode logits bit for bit. The
 data are read straight from the IDX files (``--data-dir``, default
 ``$RICCI_JAX_DATA_DIR/fashion-mnist`` or ``/usr/share/datasets/fashion-mnist``).
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import tempfile
 import time
 
 import jax
@@ -27,6 +33,7 @@ import optax
 from flax import nnx
 
 import ricci_jax as rj
+from ricci_jax import export, inference
 from ricci_jax import nnx as rjn
 from ricci_jax.data.sources import read_idx
 
@@ -130,7 +137,19 @@ def main(argv=None):
     test_acc = evaluate(model, x_test, y_test)
     print(f"epoch {epoch + 1}/{epochs}: train loss {np.mean(losses):.4f}, train acc {np.mean(accs):.4f}, "
           f"test acc {test_acc:.4f} ({time.perf_counter() - start:.1f} s)")
-  return {"loss": float(np.mean(losses)), "test_accuracy": test_acc}
+  model.eval()
+  table = rj.summary(model, nnx.state(model), input_shape=(28, 28, 1))
+  print(f"summary: {table.params:,} parameters, {table.quantized_params:,} in 1-bit kernels; "
+        f"{table.float32_bytes:,} B as float32, {table.packed_bytes:,} B packed")
+  images = jnp.asarray(x_test[:256])
+  want = np.asarray(nnx.jit(lambda m, v: m(v))(model, images))
+  with tempfile.TemporaryDirectory() as tmp:
+    path = pathlib.Path(tmp) / "small_cnn.npz"
+    size = export.save(export.pack(nnx.state(model), model, input_shape=(28, 28, 1)), path)
+    served = np.asarray(inference.Predictor(path, model=SmallCNN(rngs=nnx.Rngs(0)))(images))
+  exact = bool(np.array_equal(served, want))
+  print(f"packed file: {size:,} B; served logits equal the model's bit for bit: {exact}")
+  return {"loss": float(np.mean(losses)), "test_accuracy": test_acc, "served_exactly": exact}
 
 
 if __name__ == "__main__":

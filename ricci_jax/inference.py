@@ -22,6 +22,14 @@ every conv / dense layer (by its name) a config with the training layer's
 activation quantizer and no weight quantizer. It therefore needs a model of
 :mod:`ricci_jax.models` (layers named uniquely and built through a rule).
 
+**Flax NNX models** (packed from a model quantized by
+:func:`ricci_jax.nnx.quantize`) are served the same way: a copy of the model
+in eval mode whose quantizing ops keep only the input quantizer
+(:func:`ricci_jax.nnx.describe.serving_model`), merged inside the jitted
+forward with the rebuilt kernels; the logits equal the jitted eval-mode
+forward of the model (an op-by-op call rounds BatchNorm differently). The NNX
+zoo is rebuilt from the file; a user's own class is passed as ``model=``.
+
 **XOR-popcount layers** (``xnor``, on by default on CPU): a conv or dense
 layer whose kernel *and* input are both sign-binarized with no scale (1-bit
 ``uniform`` / ``dorefa`` kernel, 1-bit ``uniform`` input, scale ``none``,
@@ -62,10 +70,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from ricci_jax import export
 from ricci_jax.quant_config import QuantConfig
 from ricci_jax.models import QuantRule, inspect
+from ricci_jax.nnx import describe
 
 UNPACK_MODES = ("on_the_fly", "once")
 """When kernels are rebuilt from the packed words: in every forward pass, or once."""
@@ -262,6 +272,32 @@ def _lookup(tree: Mapping[str, Any], path: str) -> Any:
   return tree
 
 
+def nnx_serving(packed: export.Packed, model: Any, xnor: bool | None) -> tuple[Any, Any, Any]:
+  """``(training model, serving model, forward)`` of a packed NNX model (see :class:`Predictor`).
+
+  Raises:
+    export.PackedFileError: the file is not of an NNX model, a user's model
+      without ``model``, a ``model`` of another class or layers, or whose
+      variables do not fit the packed tensors; ``xnor=True``.
+  """
+  if xnor:
+    raise ValueError("XOR-popcount layers are computed for Linen models only; serve an NNX model with xnor=None "
+                     "or False")
+  if not describe.is_description(packed.model):
+    raise export.PackedFileError(f"model= is a Flax NNX module but the packed model is a Linen "
+                                 f"{packed.model.get('class')!r}; pass its Linen model or none")
+  training = packed.build_model(model)
+  want = {f"{c}/{k}": tuple(v.shape) for c, leaves in describe.abstract_variables(training).items()
+          for k, v in leaves.items()}
+  have = {k: tuple(t.shape) for k, t in packed.tensors.items()}
+  if want != have:
+    differ = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    raise export.PackedFileError(f"the packed tensors do not fit the NNX model ({type(training).__name__}): "
+                                 f"{inspect.listing([f'{k} {have.get(k)} (model: {want.get(k)})' for k in differ])}")
+  serving = describe.serving_model(training)
+  return training, serving, describe.apply_fn(serving)
+
+
 class Predictor:
   """Eval-mode logits of a packed model.
 
@@ -269,12 +305,18 @@ class Predictor:
     packed: a :class:`ricci_jax.export.Packed` or the path of a packed file.
     model: the training model, for a model whose class is not in
       :mod:`ricci_jax.models` (default: rebuilt from the file's description).
+      For a Flax NNX model packed by :func:`ricci_jax.export.pack`: the NNX
+      zoo is rebuilt from the file; a user's own NNX model cannot be (an NNX
+      module keeps no record of its constructor's arguments), so pass an
+      instance of its class built as for training, float or quantized by the
+      same rule, any weights: the file supplies them (:func:`ricci_jax.nnx.describe.build_model`).
     unpack: ``"on_the_fly"`` (default; packed words resident, kernels rebuilt
       in every jitted forward) or ``"once"`` (kernels rebuilt now, float
       kernels resident).
     xnor: compute the layers :func:`xnor_layers` finds with XOR-popcount from
       the packed bits (``None``, the default: on the CPU backend, where it is
-      faster; see the module docstring).
+      faster; see the module docstring). NNX models are served through their
+      own forward pass with unpacked kernels: ``xnor=True`` is refused.
 
   Attributes:
     model: the training model.
@@ -293,9 +335,14 @@ class Predictor:
       packed = export.load(packed)
     self.packed_nbytes = packed.nbytes
     self.input_shape = tuple(packed.input_shape)
-    self.model = packed.build_model() if model is None else model
-    self.serving = serving_model(self.model, self.input_shape)
     self.unpack = unpack
+    self._nnx_apply = None
+    if describe.is_description(packed.model) or isinstance(model, nnx.Module):
+      self.model, self.serving, self._nnx_apply = nnx_serving(packed, model, xnor)
+      xnor = False
+    else:
+      self.model = packed.build_model() if model is None else model
+      self.serving = serving_model(self.model, self.input_shape)
     if xnor is None:
       xnor = jax.default_backend() == "cpu"
     self.xnor_layers = xnor_layers(self.model, self.input_shape) if xnor else {}
@@ -314,6 +361,8 @@ class Predictor:
     self.arrays = {"tensors": tensors, "xnor": words}
 
   def _apply(self, variables: Mapping[str, Any], words: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
+    if self._nnx_apply is not None:
+      return self._nnx_apply(variables, x)
     if not self.xnor_layers:
       return self.serving.apply(variables, x, train=False)
 

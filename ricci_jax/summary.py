@@ -40,10 +40,15 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import jax
+import numpy as np
+from flax import nnx
 
 from ricci_jax import export, models
 from ricci_jax.quant_config import QuantConfig, TensorQuant
 from ricci_jax.models import inspect, serialization
+from ricci_jax.nnx import describe, zoo
+from ricci_jax.nnx.trace import trace
 
 MAC_PRECISIONS = ("binary", "k-bit", "float")
 """The MAC classes, see the module docstring."""
@@ -172,8 +177,8 @@ def _pair(value: Any, n: int) -> tuple[int, ...]:
   return tuple(int(v) for v in value)
 
 
-def _type(mod: nn.Module | None, kernel_shape: tuple[int, ...] | None) -> str:
-  if isinstance(mod, nn.Conv):
+def _type(mod: Any, kernel_shape: tuple[int, ...] | None) -> str:
+  if isinstance(mod, (nn.Conv, nnx.Conv)):
     window = kernel_shape[:-2]
     label = "conv " + "x".join(str(k) for k in window)
     strides = _pair(mod.strides, len(window))
@@ -182,9 +187,9 @@ def _type(mod: nn.Module | None, kernel_shape: tuple[int, ...] | None) -> str:
     if mod.feature_group_count > 1:
       label = ("dw" if kernel_shape[-2] == 1 else f"g{mod.feature_group_count} ") + label
     return label
-  if isinstance(mod, nn.Dense):
+  if isinstance(mod, (nn.Dense, nnx.Linear)):
     return "dense"
-  if isinstance(mod, nn.BatchNorm):
+  if isinstance(mod, (nn.BatchNorm, nnx.BatchNorm)):
     return "batchnorm"
   return type(mod).__name__.lower() if mod is not None else "?"
 
@@ -198,7 +203,7 @@ def mac_precision(config: QuantConfig | None) -> str:
   return "binary" if max(w, a) == 1 else "k-bit"
 
 
-def summary(model: nn.Module, params: Any = None, *, batch_stats: Any = None,
+def summary(model: Any, params: Any = None, *, batch_stats: Any = None,
             input_shape: tuple[int, ...] | None = None) -> Summary:
   """Per-layer quantization, parameters, memory (float32 and packed) and MACs of a model.
 
@@ -206,10 +211,12 @@ def summary(model: nn.Module, params: Any = None, *, batch_stats: Any = None,
     model: the model (e.g. from :func:`ricci_jax.models.create`, or the
       training program's ``ricci_jax.train.build_model(config, num_classes)``),
       quantized as its own ``model.quant`` rule says (another rule:
-      ``model.clone(quant=rule)``).
+      ``model.clone(quant=rule)``). Or a Flax NNX model, float or quantized
+      by :func:`ricci_jax.nnx.quantize` (its installed configs decide).
     params: its parameters (checked against the model: shapes must match), a
       variables dict or a training checkpoint; ``None`` counts from the
-      model's abstract shapes.
+      model's abstract shapes. For an NNX model: a state for it
+      (``nnx.state(model)`` or a nested dict), only checked.
     batch_stats: BatchNorm statistics, if not in ``params`` (only checked;
       their count comes from the model).
     input_shape: one example's shape, for a model outside the zoo.
@@ -221,9 +228,11 @@ def summary(model: nn.Module, params: Any = None, *, batch_stats: Any = None,
     ricci_jax.export.ExportError: not a model, parameters that do not match
       the model, or a model outside the zoo without ``input_shape``.
   """
+  if isinstance(model, nnx.Module):
+    return nnx_summary(model, params, input_shape=input_shape)
   if not isinstance(model, nn.Module):
     raise export.ExportError(
-        f"summary(model, params) takes the model (a flax.linen.Module), got {type(model).__name__}; for the "
+        f"summary(model, params) takes the model (a flax.linen.Module or flax.nnx.Module), got {type(model).__name__}; for the "
         "training program's config, build its model first: ricci_jax.train.build_model(config, num_classes)")
   try:
     shape = models.input_shape_for(model, input_shape)
@@ -237,10 +246,58 @@ def summary(model: nn.Module, params: Any = None, *, batch_stats: Any = None,
       raise export.ExportError(str(e)) from None
   abstract = inspect.abstract_variables(model, shape)
   flat_params = inspect.flatten(abstract.get("params"))
-  stats = [v for v in inspect.flatten(abstract.get("batch_stats")).values()]
+  stats = list(inspect.flatten(abstract.get("batch_stats")).values())
   calls = inspect.trace(model, inspect.example_input(shape), train=False).calls
   dtype = inspect.compute_dtype(model)
+  return Summary(
+      model=models.name_of(model) or type(model).__name__, input_shape=tuple(shape), dtype=dtype.name,
+      rows=_rows(flat_params, calls, lambda owner: dtype), stats_count=sum(math.prod(s.shape) for s in stats),
+      stats_bytes=sum(math.prod(s.shape) * s.dtype.itemsize for s in stats))
 
+
+def nnx_summary(model: nnx.Module, state: Any = None, *, input_shape: tuple[int, ...] | None = None) -> Summary:
+  """:func:`summary` of a Flax NNX model: rows read from one eval-mode trace (:mod:`ricci_jax.nnx.describe`).
+
+  The rows are those of the same model written in Linen: every module that
+  owns ``nnx.Param`` s, by path, in call order; its config is the one
+  :func:`ricci_jax.nnx.quantize` installed; a quantized kernel's packed size
+  is counted in the dtype its op computes it in. The summary's dtype is the
+  logits'.
+
+  Raises:
+    ricci_jax.export.ExportError: a state that does not fit the model, or no
+      ``input_shape`` for a model outside the NNX zoo.
+  """
+  shape = tuple(int(d) for d in input_shape) if input_shape is not None else zoo.input_shape(model)
+  if shape is None:
+    raise export.ExportError(f"{type(model).__name__} is not a model of ricci_jax.nnx.zoo: pass "
+                             "input_shape=(H, W, C)")
+  try:
+    if state is not None:
+      describe.variables(model, state, require_stats=False)
+    abstract = describe.abstract_variables(model)
+  except describe.StateError as e:
+    raise export.ExportError(str(e)) from None
+  calls = trace(model, jax.ShapeDtypeStruct((1, *shape), np.float32), eval_mode=True)
+  layers = describe.layers(calls)
+  stats = list(abstract["batch_stats"].values())
+  out = calls[""].output if "" in calls else None
+  return Summary(
+      model=zoo.name_of(model) or type(model).__name__, input_shape=shape,
+      dtype=np.dtype(out.dtype).name if out is not None else "float32",
+      rows=_rows(abstract["params"], layers, lambda owner: layers[owner].kernel_dtype),
+      stats_count=sum(math.prod(s.shape) for s in stats),
+      stats_bytes=sum(math.prod(s.shape) * s.dtype.itemsize for s in stats))
+
+
+def _rows(flat_params: dict[str, Any], calls: Any, kernel_dtype: Any) -> tuple[LayerSummary, ...]:
+  """One row per module owning parameters, in call order.
+
+  ``calls``: by path, with ``module``, ``config``, ``is_layer`` and
+  ``output_shape`` (a Linen :class:`~ricci_jax.models.inspect.Call` or an NNX
+  :class:`~ricci_jax.nnx.describe.Layer`); ``kernel_dtype(owner)``: the dtype
+  a quantized kernel is computed in.
+  """
   owners: dict[str, list[str]] = {}
   for path in flat_params:
     owner, _, leaf = path.rpartition("/")
@@ -257,23 +314,19 @@ def summary(model: nn.Module, params: Any = None, *, batch_stats: Any = None,
     packed = 0
     for leaf, leaf_shape in leaves.items():
       spec = weight if leaf == "kernel" else None
-      packed += export.packed_nbytes(leaf_shape, spec, dtype) if spec is not None else (
+      packed += export.packed_nbytes(leaf_shape, spec, kernel_dtype(owner)) if spec is not None else (
           math.prod(leaf_shape) * itemsize[leaf])
     macs, precision = 0, None
     if kernel is not None and call is not None and call.is_layer and call.output_shape is not None:
       macs = math.prod(call.output_shape[1:]) * math.prod(kernel[:-1])
       precision = mac_precision(config_)
     count = sum(math.prod(s) for s in leaves.values())
-    row = LayerSummary(
+    rows.append(LayerSummary(
         name=owner, type=_type(call.module if call is not None else None, kernel), weight=weight,
         act=config_.act if config_ is not None else None, params=count,
         kernel_params=math.prod(kernel) if kernel is not None else 0, float32_bytes=4 * count,
-        packed_bytes=packed, macs=macs, mac_precision=precision)
-    rows.append(row)
-  return Summary(
-      model=models.name_of(model) or type(model).__name__, input_shape=tuple(shape), dtype=dtype.name,
-      rows=tuple(rows), stats_count=sum(math.prod(s.shape) for s in stats),
-      stats_bytes=sum(math.prod(s.shape) * s.dtype.itemsize for s in stats))
+        packed_bytes=packed, macs=macs, mac_precision=precision))
+  return tuple(rows)
 
 
 # ----------------------------------------------------------------------------

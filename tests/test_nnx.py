@@ -337,3 +337,4 @@ def test_the_nnx_example_runs_in_small_mode(capsys):
   out = capsys.readouterr().out
   assert "'conv1': 'float'" in out and "'conv2': '1-bit'" in out and "'out': 'float'" in out
   assert np.isfinite(result["loss"]) and 0.0 <= result["test_accuracy"] <= 1.0
+  assert result["served_exactly"] and "served logits equal the model's bit for bit: True" in out

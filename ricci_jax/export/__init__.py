@@ -55,7 +55,9 @@ Which model, and how it is quantized, is the model passed to :func:`pack`
 ``model.quant`` rule). The training program builds its model from its config
 with ``ricci_jax.train.build_model(config, num_classes)``; a float model packs
 as its quantized twin with ``model.clone(quant=rule)`` (quantized and float
-models have the same parameters).
+models have the same parameters). A Flax NNX model quantized by
+:func:`ricci_jax.nnx.quantize` packs with its state the same way
+(:func:`ricci_jax.export.packed.pack_nnx`).
 
 The modules: :mod:`~ricci_jax.export.bits` (integers into words),
 :mod:`~ricci_jax.export.tensors` (one kernel packed and rebuilt; the

@@ -15,7 +15,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +24,7 @@ from ricci_jax.quant_config import TensorQuant
 from ricci_jax.export.bits import num_words, pack_indices, unpack_indices, word_layout
 from ricci_jax.export.errors import ExportError, PackedFileError
 from ricci_jax.models import serialization
+from ricci_jax.nnx import describe
 
 KINDS = ("float", "levels", "ridge")
 """How a tensor is stored: as it is, as packed level indices (``uniform`` and
@@ -108,12 +108,23 @@ class Packed:
     """Whether every tensor is rebuilt bit for bit (False only after ``pack(..., exact=False)`` of ridge)."""
     return all(t.exact for t in self.tensors.values())
 
-  def build_model(self) -> nn.Module:
+  def build_model(self, model: Any = None) -> Any:
     """The training model (latent weights quantized in the forward pass) this was packed from.
 
+    For a Linen model, rebuilt from the description. For an NNX model
+    (:mod:`ricci_jax.nnx.describe`): a new zoo model, or for a user's own
+    model a copy of ``model`` (its class, passed again), quantized as packed.
+
     Raises:
-      PackedFileError: a model whose class is not one of :mod:`ricci_jax.models`.
+      PackedFileError: a Linen class that is not one of :mod:`ricci_jax.models`;
+        an NNX model outside the NNX zoo without ``model``, or a ``model``
+        that is not the packed one's class and layers.
     """
+    if describe.is_description(self.model):
+      try:
+        return describe.build_model(self.model, model)
+      except describe.StateError as e:
+        raise PackedFileError(str(e)) from None
     try:
       return serialization.model_from_description(self.model)
     except serialization.DescriptionError as e:

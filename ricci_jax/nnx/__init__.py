@@ -12,10 +12,16 @@ Example::
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     shifted = rjn.translated_grads(model, loss_fn, batch)   # loss_fn(model, batch)
     optimizer.update(model, grads, translated_grads=shifted)
+    print(rj.summary(model, nnx.state(model), input_shape=(28, 28, 1)))
+    rj.export.save(rj.export.pack(nnx.state(model), model, input_shape=(28, 28, 1)), "cnn.npz")
+    logits = rj.inference.Predictor("cnn.npz", model=MyCNN(rngs=nnx.Rngs(0)))(images)
 
 See :mod:`ricci_jax.nnx.quantize` for how a rule selects layers,
 :mod:`ricci_jax.nnx.ops` for what a quantized layer computes and
-:mod:`ricci_jax.nnx.zoo` for NNX versions of zoo models.
+:mod:`ricci_jax.nnx.zoo` for NNX versions of zoo models (a packed zoo model is
+served without ``model=``), :mod:`ricci_jax.nnx.describe` for how the summary,
+the export and serving read an NNX model and :mod:`ricci_jax.nnx.trace` for the
+abstract forward pass they all trace.
 """
 
 from ricci_jax.nnx.ops import QuantConv, QuantDot, QuantHparam, QuantOp

@@ -28,7 +28,6 @@ float checkpoint loads into the quantized model.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,6 +38,7 @@ from flax import nnx
 from ricci_jax.layers import path_names
 from ricci_jax.models.inspect import listing
 from ricci_jax.models.rules import QuantRule
+from ricci_jax.nnx.trace import join, trace
 from ricci_jax.nnx.ops import OPERANDS, QuantConv, QuantDot, QuantHparam, QuantOp
 from ricci_jax.quant_config import QuantConfig
 
@@ -95,50 +95,6 @@ def _definition_order(model: nnx.Module) -> list[int]:
   return order
 
 
-@contextlib.contextmanager
-def _recording_calls(types: tuple[type, ...], log: list[int]):
-  """Records ``id(layer)`` of every call of a layer of ``types`` (patched on the classes, restored after)."""
-  originals = {t: t.__dict__["__call__"] for t in types if "__call__" in t.__dict__}
-
-  def wrap(original):
-    def call(self, *args, **kwargs):
-      log.append(id(self))
-      return original(self, *args, **kwargs)
-    return call
-
-  try:
-    for t, original in originals.items():
-      t.__call__ = wrap(original)
-    yield
-  finally:
-    for t, original in originals.items():
-      t.__call__ = original
-
-
-def _call_order(model: nnx.Module, args: tuple, kwargs: dict) -> list[str]:
-  """The path of every contraction layer in the order of its first call in ``model(*args, **kwargs)``.
-
-  Abstract (``jax.eval_shape``) on a merged copy of the model, so the
-  model's own state (batch statistics, rng counters) is not touched.
-  """
-  graphdef, state = nnx.split(model)
-  log: list[int] = []
-  paths: dict[int, str] = {}
-
-  def run(*a):
-    copy = nnx.merge(graphdef, state, copy=True)
-    paths.update({id(m): _join(p) for p, m in nnx.iter_modules(copy)})
-    return jax.tree.map(jnp.asarray, copy(*a, **kwargs))
-
-  with _recording_calls(SUPPORTED + KNOWN_UNSUPPORTED, log):
-    jax.eval_shape(run, *args)
-  return list(dict.fromkeys(paths[i] for i in log if i in paths))
-
-
-def _join(path) -> str:
-  return "/".join(str(p) for p in path)
-
-
 def contraction_layers(model: nnx.Module, *example_args, **example_kwargs) -> dict[str, nnx.Module]:
   """Every ``nnx.Linear`` / ``nnx.Conv`` (and known unsupported contraction) by ``/``-joined path, in order.
 
@@ -150,9 +106,9 @@ def contraction_layers(model: nnx.Module, *example_args, **example_kwargs) -> di
   found: dict[int, tuple[str, nnx.Module]] = {}
   for path, module in nnx.iter_modules(model):
     if isinstance(module, SUPPORTED + KNOWN_UNSUPPORTED) and id(module) not in found:
-      found[id(module)] = (_join(path), module)
+      found[id(module)] = (join(path), module)
   if example_args or example_kwargs:
-    called = {p: n for n, p in enumerate(_call_order(model, example_args, example_kwargs))}
+    called = {p: n for n, p in enumerate(trace(model, *example_args, **example_kwargs))}
     rank = {i: called.get(path, len(called)) for i, (path, _) in found.items()}
   else:
     order = {i: n for n, i in enumerate(_definition_order(model))}
@@ -262,7 +218,7 @@ def quant_plan(model: nnx.Module) -> dict[str, QuantConfig | None]:
   for path, module in nnx.iter_modules(model):
     if isinstance(module, SUPPORTED):
       op = installed_op(module)
-      out[_join(path)] = None if op is None else op.config
+      out[join(path)] = None if op is None else op.config
   return out
 
 

@@ -170,3 +170,43 @@ def load_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> nnx
         {tuple(k.split("/")): jnp.asarray(v, want[k].dtype) for k, v in given.items()}))
     nnx.update(model, state)
   return model
+
+
+ZOO = {"LeNet5": LeNet5, "CifarResNet": CifarResNet}
+"""The NNX zoo classes by name: what a packed file can rebuild without the model object."""
+
+
+def init_args(model: nnx.Module) -> dict[str, Any] | None:
+  """The constructor arguments (but ``rngs``) that build ``model``'s architecture again; ``None`` outside the zoo.
+
+  Read from the built layers (NNX modules keep no record of their
+  arguments), so a packed file can name the architecture in JSON.
+  """
+  if type(model) not in ZOO.values():
+    return None
+  bn = model.bn_init
+  out = {"num_classes": int(model.head.out_features), "dtype": None if model.head.dtype is None else
+         jnp.dtype(model.head.dtype).name, "order": model.order, "norm_momentum": float(bn.momentum),
+         "norm_epsilon": float(bn.epsilon)}
+  if isinstance(model, CifarResNet):
+    out.update(depth=2 * len(model.blocks) + 2, head_norm=bool(model.head_norm),
+               width=int(model.conv_init.out_features), in_features=int(model.conv_init.in_features))
+  return out
+
+
+def input_shape(model: nnx.Module) -> tuple[int, ...] | None:
+  """One example's shape (H, W, C) for a zoo model; ``None`` outside the zoo."""
+  if type(model) is LeNet5:
+    return (28, 28, 1)
+  if type(model) is CifarResNet:
+    return (32, 32, int(model.conv_init.in_features))
+  return None
+
+
+def name_of(model: nnx.Module) -> str | None:
+  """The Linen zoo's name of ``model``'s architecture (``"lenet5"``, ``"resnet20"``); ``None`` outside the zoo."""
+  if type(model) is LeNet5:
+    return "lenet5"
+  if type(model) is CifarResNet:
+    return f"resnet{2 * len(model.blocks) + 2}"
+  return None
