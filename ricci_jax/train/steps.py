@@ -163,10 +163,13 @@ def train_step(program: Program, state: TrainState, batch: dict):
 
 
 def eval_step(program: Program, state: TrainState, batch: dict):
-  """Sums of loss and correct predictions over the real (unmasked) examples of a batch."""
+  """Sums of loss and correct predictions over the real (unmasked) examples of a batch.
+
+  The estimator hyperparameters (the ``quant`` collection) shape only the backward pass, so evaluation
+  applies the model without recomputing their schedules.
+  """
   images = data_lib.preprocess(program.dataset, batch["image"])
-  quant = _scheduled_quant(program, state.quant, state.step)
-  variables = {"params": state.params, "batch_stats": state.batch_stats, "quant": quant}
+  variables = {"params": state.params, "batch_stats": state.batch_stats, "quant": state.quant}
   logits = program.model.apply(variables, images, train=False).astype(jnp.float32)
   per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   mask = batch["mask"].astype(jnp.float32)
