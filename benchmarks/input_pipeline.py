@@ -7,7 +7,8 @@ Run from the repository root:
 Measures, at the given batch size, for real Fashion-MNIST (Debian's
 ``dataset-fashion-mnist``) and the real CIFAR-10 subset (``shared/data``):
 
-* ``host``: images/s of ``Dataset.epoch`` alone (uint8 batches in memory);
+* ``host``: images/s of ``Dataset.iterator`` alone (the Grain iterator the
+  training loop reads, epoch after epoch; uint8 batches in memory);
 * ``host+augment``: the same plus ``augment`` on the device, waited for
   (``block_until_ready``), i.e. what a training loop pays for its input;
 * ``augment``: the jit-compiled ``augment`` alone, on one batch.
@@ -21,6 +22,7 @@ Datasets that are not on the machine are reported as skipped.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -51,19 +53,11 @@ def _rate(fn, seconds: float) -> tuple[float, int]:
   return images / elapsed, images
 
 
-def _epochs(ds: data.Dataset):
-  """An endless stream of batches, epoch after epoch."""
-  epoch = 0
-  while True:
-    yield from ds.epoch(epoch)
-    epoch += 1
-
-
 def bench_dataset(name: str, batch_size: int, seconds: float, **load_kwargs) -> dict:
   start = time.perf_counter()
   ds = data.load(name, batch_size=batch_size, **load_kwargs)
   load_s = time.perf_counter() - start
-  stream = _epochs(ds)
+  stream = ds.iterator()  # epoch after epoch, as the training loop reads it
   host = lambda: len(next(stream)["label"])
   host_rate, _ = _rate(host, seconds)
 
@@ -109,6 +103,7 @@ def main() -> None:
   parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
   args = parser.parse_args()
 
+  load_before = [round(x, 2) for x in os.getloadavg()]  # these machines are shared: the load is part of the result
   results = []
   try:
     results.append(bench_dataset("fashion_mnist", args.batch_size, args.seconds, source="files"))
@@ -124,7 +119,9 @@ def main() -> None:
 
   report = dict(
       machine=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__,
-                   device=str(jax.devices()[0])),
+                   grain=importlib.metadata.version("grain"), device=str(jax.devices()[0]),
+                   load_average_1_5_15_min_before=load_before,
+                   load_average_1_5_15_min_after=[round(x, 2) for x in os.getloadavg()]),
       command=f"python -m benchmarks.input_pipeline --batch-size {args.batch_size} "
               f"--seconds {args.seconds:g}",
       results=results)

@@ -5,19 +5,23 @@ Real data is used where it is on the machine (Fashion-MNIST from Debian's
 tests skip with the reason otherwise; the readers are always tested on small
 synthetic folders in the official formats, and the TFDS path both on
 ``tfds.testing.mock_data`` and on tiny array_record datasets really prepared
-in tmp_path (images given pre-encoded, so no TensorFlow is needed). The tests
-go through ``ricci_jax.data``, the package's public names; the last section
-checks the package's layout.
+in tmp_path (images given pre-encoded, so no TensorFlow is needed). The Grain
+pipeline (order, sharding, padding, resume) is checked against NumPy references
+on the synthetic folders. The tests go through ``ricci_jax.data``, the
+package's public names; the last section checks the package's layout.
 """
 
 import ast
+import dataclasses
 import gzip
 import io
+import json
 import pathlib
 import pickle
 import struct
 import time
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -277,6 +281,197 @@ def test_validation_split_is_the_held_out_tail_and_disjoint_from_train():
 
 
 # ----------------------------------------------------------------------------
+# The Grain pipeline (ricci_jax.data.pipeline) against NumPy references on the
+# synthetic folders: order, sharding, remainder, resume, bad input.
+# ----------------------------------------------------------------------------
+
+
+def _epoch_rows(ds, epoch):
+  """This process's rows of one epoch in order, every batch key concatenated; and the number of batches."""
+  batches = list(ds.epoch(epoch))
+  return {k: np.concatenate([b[k] for b in batches]) for k in data.BATCH_KEYS}, len(batches)
+
+
+def test_the_pipeline_is_grain_over_random_access_readers(synthetic):
+  ds = data.load("cifar10", batch_size=6, data_dir=synthetic["root"])
+  assert isinstance(ds.batches(), grain.MapDataset)
+  assert isinstance(ds.iterator(), grain.DatasetIterator) and isinstance(ds.epoch(0), grain.DatasetIterator)
+  train, labels, _ = synthetic["cifar10"]
+  assert len(ds.reader) == 60
+  np.testing.assert_array_equal(ds.reader[13]["image"], train[13])
+  assert ds.reader[13]["label"] == labels[13]
+
+
+@pytest.mark.parametrize("batch_size,drop_remainder", [(8, True), (7, False), (60, True), (4, False)])
+def test_each_epoch_is_a_permutation_of_the_split(synthetic, batch_size, drop_remainder):
+  train, labels, _ = synthetic["cifar10"]
+  n = 60
+  ds = data.load("cifar10", batch_size=batch_size, seed=3, drop_remainder=drop_remainder,
+                 data_dir=synthetic["root"])
+  steps = n // batch_size if drop_remainder else -(-n // batch_size)
+  orders = set()
+  for epoch in range(4):
+    rows, count = _epoch_rows(ds, epoch)
+    assert count == ds.steps_per_epoch == steps
+    index = rows["index"][rows["mask"]]
+    if drop_remainder:  # no example twice, the remainder dropped
+      assert rows["mask"].all() and len(index) == len(set(index.tolist())) == steps * batch_size
+    else:  # every example once, then padding to the last whole batch
+      np.testing.assert_array_equal(np.sort(index), np.arange(n))
+      np.testing.assert_array_equal(rows["mask"], np.arange(steps * batch_size) < n)
+      assert (rows["index"][~rows["mask"]] == -1).all()
+    # each row is that example: the image and label read from the files with NumPy
+    np.testing.assert_array_equal(rows["image"][rows["mask"]], train[index])
+    np.testing.assert_array_equal(rows["label"][rows["mask"]], labels[index])
+    orders.add(tuple(index.tolist()))
+  assert len(orders) == 4  # a new order each epoch
+
+
+def test_positions_are_those_of_the_official_split(synthetic):
+  seen = lambda ds: np.sort(_epoch_rows(ds, 1)[0]["index"])  # noqa: E731
+  load = lambda split="train", **kw: data.load("cifar10", split, data_dir=synthetic["root"], **kw)  # noqa: E731
+  np.testing.assert_array_equal(seen(load(batch_size=5, limit=20)), np.arange(20))
+  np.testing.assert_array_equal(seen(load(batch_size=6, validation=True)), np.arange(54))
+  np.testing.assert_array_equal(seen(load("validation", batch_size=6, shuffle=True)), np.arange(54, 60))
+
+
+def test_the_order_follows_the_seed_and_only_the_seed(synthetic):
+  def order(seed, epoch):
+    return tuple(_epoch_rows(data.load("cifar10", batch_size=6, seed=seed, data_dir=synthetic["root"]),
+                             epoch)[0]["index"].tolist())
+
+  assert order(1, 0) == order(1, 0) and order(1, 3) == order(1, 3)  # separately loaded, the same
+  orders = {(seed, epoch): order(seed, epoch) for seed in range(4) for epoch in range(3)}
+  # different seeds differ; and neighbouring seeds are not each other's epochs shifted (Grain seeds
+  # epoch e with seed + e, hence the hashed shuffle seed)
+  assert len(set(orders.values())) == len(orders)
+  assert len({data.shuffle_seed(s) for s in range(1000)}) == 1000
+  # eval splits keep the file order
+  np.testing.assert_array_equal(_epoch_rows(data.load("cifar10", "test", batch_size=5, data_dir=synthetic["root"]),
+                                            2)[0]["index"], np.arange(10))
+
+
+@dataclasses.dataclass
+class _CountingReader:
+  """A reader that records which examples it was asked for."""
+
+  reader: object
+  read: list = dataclasses.field(default_factory=list)
+
+  @property
+  def description(self):
+    return self.reader.description
+
+  def __len__(self):
+    return len(self.reader)
+
+  def __getitem__(self, index):
+    self.read.append(int(index))
+    return self.reader[index]
+
+
+@pytest.mark.parametrize("split,batch_size,count", [("train", 8, 2), ("train", 12, 4), ("test", 4, 2),
+                                                    ("test", 8, 4)])
+def test_processes_read_disjoint_rows_that_make_the_one_process_batch(synthetic, split, batch_size, count):
+  def load(**kw):
+    return data.load("cifar10", split, batch_size=batch_size, seed=5, drop_remainder=split == "train",
+                     data_dir=synthetic["root"], **kw)
+
+  single = load()
+  shards = [load(process_index=i, process_count=count) for i in range(count)]
+  shards = [dataclasses.replace(s, reader=_CountingReader(s.reader)) for s in shards]
+  assert {s.host_batch_size for s in shards} == {batch_size // count}
+  assert {s.steps_per_epoch for s in shards} == {single.steps_per_epoch}
+  for epoch in (0, 2):
+    for s in shards:
+      s.reader.read.clear()
+    batches = [list(s.epoch(epoch)) for s in shards]
+    for step, whole in enumerate(single.epoch(epoch)):
+      parts = [b[step] for b in batches]
+      for key in data.BATCH_KEYS:
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+      real = [set(p["index"][p["mask"]].tolist()) for p in parts]
+      assert sum(map(len, real)) == len(set().union(*real))  # disjoint
+    for s, b in zip(shards, batches):  # each process read its own rows, nothing else
+      mine = np.concatenate([x["index"][x["mask"]] for x in b]).tolist()
+      assert sorted(s.reader.read) == sorted(mine)
+
+
+def test_the_padded_test_split_masks_exactly_the_missing_rows(synthetic):
+  _, _, test = synthetic["cifar10"]  # 10 examples, labels 0 to 9
+  ds = data.load("cifar10", "test", batch_size=4, drop_remainder=False, data_dir=synthetic["root"])
+  for epoch in (0, 1):
+    batches = list(ds.epoch(epoch))
+    assert len(batches) == ds.steps_per_epoch == 3
+    rows = {k: np.concatenate([b[k] for b in batches]) for k in data.BATCH_KEYS}
+    np.testing.assert_array_equal(rows["mask"], np.arange(12) < 10)
+    np.testing.assert_array_equal(rows["index"], np.r_[np.arange(10), -1, -1])
+    np.testing.assert_array_equal(rows["label"], np.r_[np.arange(10), 0, 0])
+    np.testing.assert_array_equal(rows["image"][:10], test)
+    assert not rows["image"][10:].any()
+    assert {k: v.dtype for k, v in batches[-1].items()} == {
+        "image": np.uint8, "label": np.int32, "mask": np.bool_, "index": np.int32}
+  # two processes: the second holds only padding in the last batch
+  last = [list(data.load("cifar10", "test", batch_size=4, drop_remainder=False, data_dir=synthetic["root"],
+                         process_index=i, process_count=2).epoch(0))[-1] for i in range(2)]
+  np.testing.assert_array_equal(last[0]["index"], [8, 9])
+  np.testing.assert_array_equal(last[1]["index"], [-1, -1])
+  assert not last[1]["mask"].any()
+
+
+@pytest.mark.parametrize("stop", [0, 3, 10, 17])
+def test_a_saved_iterator_state_resumes_with_exactly_the_rest(synthetic, stop):
+  def load(**kw):
+    return data.load("cifar10", batch_size=6, seed=2, data_dir=synthetic["root"], **kw)  # 10 steps an epoch
+
+  ds = load()
+  whole = ds.iterator()
+  reference = [next(whole) for _ in range(25)]  # two and a half epochs, uninterrupted
+  interrupted = ds.iterator()
+  for _ in range(stop):
+    next(interrupted)
+  state = json.loads(json.dumps(interrupted.get_state()))  # as the checkpoint stores it
+  resumed = load().iterator(stop, state)
+  for want in reference[stop:]:
+    got = next(resumed)
+    for key in data.BATCH_KEYS:
+      np.testing.assert_array_equal(got[key], want[key])
+  # epoch e, step s of the epochs is step e * steps_per_epoch + s of the iterator
+  for epoch, step in ((0, 0), (1, 4), (2, 0)):
+    np.testing.assert_array_equal(next(ds.epoch(epoch, step))["index"], reference[10 * epoch + step]["index"])
+  # a state is the same on every process, and restores any of them
+  shards = [load(process_index=i, process_count=2) for i in range(2)]
+  iterators = [s.iterator() for s in shards]
+  for it in iterators:
+    for _ in range(stop):
+      next(it)
+  assert iterators[0].get_state() == iterators[1].get_state() == state
+  halves = [next(s.iterator(stop, state)) for s in shards]
+  np.testing.assert_array_equal(np.concatenate([h["index"] for h in halves]), reference[stop]["index"])
+  with pytest.raises(ValueError, match=f"stands at step {stop}, not at the checkpoint's step {stop + 1}"):
+    load().iterator(stop + 1, state)
+
+
+def test_bad_sharding_and_positions_raise_clear_errors(synthetic):
+  root = synthetic["root"]
+  with pytest.raises(ValueError, match="batch_size 9 does not divide by process_count 2"):
+    data.load("cifar10", batch_size=9, process_index=0, process_count=2, data_dir=root)
+  with pytest.raises(ValueError, match=r"process_index must be in \[0, 1\], got 2"):
+    data.load("cifar10", batch_size=8, process_index=2, process_count=2, data_dir=root)
+  ds = data.load("cifar10", batch_size=6, data_dir=root)
+  with pytest.raises(ValueError, match=r"start_step must be in \[0, 10\], got 11"):
+    ds.epoch(0, start_step=11)
+  with pytest.raises(ValueError, match="step must be >= 0"):
+    ds.iterator(-1)
+  with pytest.raises(ValueError, match="epoch must be an integer"):
+    ds.epoch(1.0)
+  with pytest.raises(ValueError, match="batch_size 6 does not divide by process_count 4"):
+    data.ProcessRows(grain.MapDataset.range(12), 6, grain.sharding.ShardOptions(0, 4))
+  with pytest.raises(ValueError, match="whole global batches of 5, got 12"):
+    data.ProcessRows(grain.MapDataset.range(12), 5, grain.sharding.ShardOptions(0, 1))
+
+
+# ----------------------------------------------------------------------------
 # Device augmentation and normalisation (ricci_jax.data.augmentation).
 # ----------------------------------------------------------------------------
 
@@ -442,6 +637,28 @@ def test_imagenet_host_transforms_on_mock_data(tmp_path):
   at = lambda b, i: b["image"][list(b["index"]).index(i)]
   assert not np.array_equal(at(e0, 0), at(e1, 0))
   np.testing.assert_array_equal(t0["image"], t1["image"])  # eval: no randomness
+  # a crop belongs to the example: two processes crop their halves as one process does
+  with tfds.testing.mock_data(num_examples=12):
+    one = next(data.load("imagenet2012", batch_size=4, source="tfds", seed=5).epoch(1))
+    halves = [next(data.load("imagenet2012", batch_size=4, source="tfds", seed=5, process_index=i,
+                             process_count=2).epoch(1)) for i in range(2)]
+  for key in data.BATCH_KEYS:
+    np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), one[key])
+
+
+def test_imagenet_crop_is_a_grain_map_seeded_by_the_example():
+  image = _images(1, (60, 90, 3))[0]
+  example = {"image": image, "label": np.int32(3), "mask": np.True_, "index": np.int32(17), "epoch": 2}
+  crop = data.ImagenetCrop(seed=5, train=True)
+  assert isinstance(crop, grain.transforms.Map)
+  out = crop.map(example)
+  np.testing.assert_array_equal(out["image"], data.imagenet_transform(image, np.random.default_rng([5, 2, 17])))
+  assert out["label"] == 3 and out["index"] == 17 and out["image"].shape == (224, 224, 3)
+  assert not np.array_equal(out["image"], crop.map({**example, "epoch": 3})["image"])
+  np.testing.assert_array_equal(data.ImagenetCrop(seed=5, train=False).map(example)["image"],
+                                data.imagenet_transform(image, None))
+  padding = {**example, "mask": np.False_, "image": np.zeros((224, 224, 3), np.uint8)}
+  assert crop.map(padding) is padding
 
 
 def test_imagenet_crop_boxes():
@@ -559,8 +776,9 @@ def test_package_reexports_its_public_names():
   for name in data.__all__:
     assert getattr(data, name) is not None
   # the submodules stay reachable under their own names (none is shadowed by a function)
-  from ricci_jax.data import augmentation, imagenet, loader, sources, specs  # noqa: PLC0415
+  from ricci_jax.data import augmentation, imagenet, loader, pipeline, sources, specs  # noqa: PLC0415
   assert data.augment is augmentation.augment and data.load is loader.load
+  assert data.host_batches is pipeline.host_batches
   assert data.read_idx is sources.read_idx and data.DATASETS is specs.DATASETS
   assert data.imagenet_transform is imagenet.imagenet_transform
 

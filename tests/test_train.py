@@ -64,6 +64,10 @@ def test_resume_ends_with_exactly_the_parameters_of_an_uninterrupted_run(tmp_pat
   interrupted = _small("rfdnn", stop_after_steps=23)  # mid-epoch, between checkpoints
   first = train.train(interrupted, tmp_path / "parts")
   assert first["interrupted"] and first["steps"] == 23
+  # the input pipeline's Grain iterator state is in the checkpoint, at the model's step
+  saved = train.load_checkpoint(tmp_path / "parts")
+  assert int(saved["step"]) == 23 and saved["data_iterator"] == {"next_index": 23}
+  assert train.load_checkpoint(tmp_path / "parts", 20)["data_iterator"] == {"next_index": 20}
   resumed = train.train(_small("rfdnn"), tmp_path / "parts")
   assert resumed["steps"] == 64 and not resumed["interrupted"]
   a, b = train.load_checkpoint(tmp_path / "whole"), train.load_checkpoint(tmp_path / "parts")

@@ -1,14 +1,19 @@
 """ImageNet host-side transforms (numpy + PIL): the crops run on the host, per example.
 
 The images have varied sizes, so they are cropped and resized to a fixed
-shape before batching; the train crop and flip are drawn from a NumPy
-generator the reader seeds per example by ``(seed, epoch, index)``.
+shape before batching. :class:`ImagenetCrop` is the Grain map transform the
+loader applies to each example; its train crop and flip are drawn from a NumPy
+generator seeded by ``(seed, epoch, index)`` of that example alone, so a crop
+depends neither on the order, nor on which process reads the example, nor on
+where a run resumed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import grain
 import numpy as np
 
 IMAGENET_SIZE = 224
@@ -82,3 +87,27 @@ def imagenet_transform(image: np.ndarray, rng: np.random.Generator | None,
   if rng is not None and rng.random() < 0.5:
     out = out[:, ::-1]
   return np.ascontiguousarray(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagenetCrop(grain.transforms.Map):
+  """The host crop as a Grain map transform over the loader's examples.
+
+  An example is ``dict(image, label, mask, index, epoch)``; its image is
+  replaced by :func:`imagenet_transform`'s crop. Train (``train=True``): the
+  random-resized crop and flip from ``numpy.random.default_rng([seed, epoch,
+  index])``, a generator of the example itself, never one shared between
+  examples or threads (Grain may map examples on several threads). Otherwise
+  the deterministic eval crop. Padding examples (``mask`` False) already have
+  the output shape and are left alone.
+  """
+
+  seed: int
+  train: bool
+
+  def map(self, element: dict) -> dict:
+    if not element["mask"]:
+      return element
+    rng = (np.random.default_rng([self.seed, int(element["epoch"]), int(element["index"])])
+           if self.train else None)
+    return {**element, "image": imagenet_transform(element["image"], rng)}

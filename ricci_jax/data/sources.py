@@ -16,14 +16,14 @@ Sources (``source=`` of :func:`ricci_jax.data.load`):
 * ``"auto"`` (default): the files, then TFDS; if neither is there the
   ``FileNotFoundError`` lists every place looked at and how to get the data.
 
-:func:`open_split` returns a :class:`Reader`: its length and a ``submit`` of
-example indices that returns a future of ``(images, labels)``, so the loader
-can read the next batch while the current one is used.
+:func:`open_split` returns a :class:`Reader`, a Grain random-access data source
+(``grain.sources.RandomAccessDataSource``: a length and ``reader[i]``, one
+example as ``dict(image=uint8 [H, W, C], label=int32)``), so the loader's Grain
+pipeline reads only the examples it asks for, in whatever order it asks.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import gzip
@@ -36,7 +36,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ricci_jax.data.imagenet import imagenet_transform
 from ricci_jax.data.specs import DatasetSpec
 
 PathLike = str | os.PathLike
@@ -187,26 +186,20 @@ class _NotFound(Exception):
 
 
 class Reader(Protocol):
-  """Random access to one official split, as :class:`ricci_jax.data.Dataset` uses it.
+  """One official split as a Grain random-access data source (``grain.sources.RandomAccessDataSource``).
 
-  ``submit(indices, epoch)`` returns a future of ``(images uint8 [n, H, W, C],
-  labels int32 [n])`` for those positions of the split; ``epoch`` seeds
-  per-example host augmentation (ImageNet) and is ignored otherwise.
-  ``description`` says where the data is read from (``files:<folder>`` or
-  ``tfds:<dir>:<split>``).
+  ``reader[i]`` is example ``i`` of the split, ``dict(image=uint8 [H, W, C],
+  label=int32)``; ImageNet images keep their decoded size (the loader crops
+  them). ``description`` says where the data is read from (``files:<folder>``
+  or ``tfds:<dir>:<split>``). Readers hold no state between reads, so Grain may
+  call them from several threads and in any order.
   """
 
   description: str
 
   def __len__(self) -> int: ...
 
-  def submit(self, indices: np.ndarray, epoch: int) -> concurrent.futures.Future: ...
-
-
-def _done(value: Any) -> concurrent.futures.Future:
-  future = concurrent.futures.Future()
-  future.set_result(value)
-  return future
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]: ...
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -220,9 +213,11 @@ class _ArrayReader:
   def __len__(self) -> int:
     return len(self.labels)
 
-  def submit(self, indices: np.ndarray, epoch: int) -> concurrent.futures.Future:
-    del epoch
-    return _done((self.images[indices], self.labels[indices]))
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return {"image": self.images[index], "label": self.labels[index]}
+
+  def __repr__(self) -> str:  # short: Grain names a source by its repr, and the default would print arrays
+    return f"_ArrayReader({self.description!r}, {len(self)} examples)"
 
 
 def _open_files(spec: DatasetSpec, split: str, data_dir: PathLike | None) -> _ArrayReader:
@@ -244,51 +239,35 @@ def _open_files(spec: DatasetSpec, split: str, data_dir: PathLike | None) -> _Ar
   raise _NotFound("files: " + "; ".join(looked))
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(frozen=True, eq=False)
 class _TfdsReader:
-  """An official split read through ``tfds.data_source`` (array_record).
+  """An official split read through ``tfds.data_source`` (array_record), decoded per example.
 
-  ImageNet images are cropped and resized here (train: random-resized crop and
-  flip, seeded per example by ``(seed, epoch, index)``; eval: resize and
-  center crop); the others must already have the spec's shape.
+  Images other than ImageNet's must already have the spec's shape; ImageNet's
+  keep their own size here and are cropped by the loader's Grain transform
+  (:class:`ricci_jax.data.imagenet.ImagenetCrop`), seeded per example.
   """
 
   source: Any
   spec: DatasetSpec
-  train_transform: bool
-  seed: int
   description: str
-  _batches: concurrent.futures.ThreadPoolExecutor = dataclasses.field(
-      default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1))
-  _examples: concurrent.futures.ThreadPoolExecutor = dataclasses.field(
-      default_factory=lambda: concurrent.futures.ThreadPoolExecutor(min(32, (os.cpu_count() or 1) + 2)))
 
   def __len__(self) -> int:
     return len(self.source)
 
-  def submit(self, indices: np.ndarray, epoch: int) -> concurrent.futures.Future:
-    return self._batches.submit(self._read, indices, epoch)
-
-  def _read(self, indices: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    examples = list(self._examples.map(functools.partial(self._example, epoch=epoch), indices))
-    if not examples:
-      return np.zeros((0, *self.spec.image_shape), np.uint8), np.zeros(0, np.int32)
-    return np.stack([e[0] for e in examples]), np.array([e[1] for e in examples], np.int32)
-
-  def _example(self, index: int, epoch: int) -> tuple[np.ndarray, int]:
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     example = self.source[int(index)]
     image = np.asarray(example["image"], np.uint8)
-    if self.spec.name == "imagenet2012":
-      rng = np.random.default_rng([self.seed, epoch, int(index)]) if self.train_transform else None
-      image = imagenet_transform(image, rng)
-    elif image.shape != self.spec.image_shape:
+    if self.spec.name != "imagenet2012" and image.shape != self.spec.image_shape:
       raise ValueError(f"{self.description}: example {index} has shape {image.shape}, "
                        f"expected {self.spec.image_shape}")
-    return image, int(example["label"])
+    return {"image": image, "label": np.int32(example["label"])}
+
+  def __repr__(self) -> str:  # short: Grain names a source by its repr
+    return f"_TfdsReader({self.description!r}, {len(self)} examples)"
 
 
-def _open_tfds(spec: DatasetSpec, split: str, data_dir: PathLike | None, *,
-               train_transform: bool, seed: int) -> _TfdsReader:
+def _open_tfds(spec: DatasetSpec, split: str, data_dir: PathLike | None) -> _TfdsReader:
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -312,11 +291,10 @@ def _open_tfds(spec: DatasetSpec, split: str, data_dir: PathLike | None, *,
     raise _NotFound(f"{where} ({type(e).__name__}: {e})") from None
   if len(source) == 0:
     raise _NotFound(f"{where} (split {tfds_split!r} is empty)")
-  return _TfdsReader(source, spec, train_transform, seed, f"tfds:{builder.data_dir}:{tfds_split}")
+  return _TfdsReader(source, spec, f"tfds:{builder.data_dir}:{tfds_split}")
 
 
-def open_split(spec: DatasetSpec, split: str, source: str, data_dir: PathLike | None, *,
-               train_transform: bool, seed: int) -> Reader:
+def open_split(spec: DatasetSpec, split: str, source: str, data_dir: PathLike | None) -> Reader:
   """Opens the official ``split`` ("train" or "test") from ``source``.
 
   Args:
@@ -326,8 +304,6 @@ def open_split(spec: DatasetSpec, split: str, source: str, data_dir: PathLike | 
     source: ``"auto"``, ``"files"`` or ``"tfds"``.
     data_dir: the folder of the files (or its parent) and the TFDS data dir;
       ``None`` searches the default places.
-    train_transform: ImageNet: the random train crop (else the eval crop).
-    seed: ImageNet: the seed of the per-example train crop.
 
   Raises:
     FileNotFoundError: no source holds the data; the message lists every
@@ -341,7 +317,7 @@ def open_split(spec: DatasetSpec, split: str, source: str, data_dir: PathLike | 
       looked.append(str(e))
   if source in ("auto", "tfds"):
     try:
-      return _open_tfds(spec, split, data_dir, train_transform=train_transform, seed=seed)
+      return _open_tfds(spec, split, data_dir)
     except _NotFound as e:
       looked.append(str(e))
   raise FileNotFoundError(

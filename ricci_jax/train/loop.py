@@ -8,11 +8,14 @@ runs every seed and reports the paper's statistic across them. A run:
 * trains data-parallel with ``jax.jit`` over a ``("data",)`` mesh of every device of every process
   (:mod:`ricci_jax.train.placement`); the global batch is the same whatever the device count, and each
   process reads only its own rows of it;
-* augments on the device inside the jitted step, from a key derived from the seed and the step, so a
-  resumed run sees exactly the same batches;
+* reads its batches from one Grain iterator over every epoch (:meth:`ricci_jax.data.Dataset.iterator`)
+  and augments them on the device inside the jitted step, from a key derived from the seed and the step;
+  the iterator's state is saved with the model of the same step, so a resumed run sees exactly the
+  same batches;
 * skips a step whose loss or gradients are not finite (counted), and stops with a checkpoint and a clear
   message after too many in a row;
-* writes Orbax checkpoints at every epoch end and every N steps, and resumes from the latest one;
+* writes Orbax checkpoints (model and input pipeline) at every epoch end and every N steps, and resumes
+  from the latest one;
 * shows a tqdm bar (loss, accuracy, images/s), writes ``metrics.jsonl``, ``eval.jsonl`` and
   ``diagnostics.jsonl`` (per-layer RF-DNN diagnostics), and draws PNG plots; of several processes, the
   first writes every file but the checkpoints;
@@ -22,6 +25,7 @@ runs every seed and reports the paper's statistic across them. A run:
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import pathlib
 import time
@@ -127,9 +131,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   diag_log = reporting.JsonlWriter(workdir / "diagnostics.jsonl", enabled=primary)
   evals: list[dict] = []  # every process keeps them: the checkpoints carry them, no process reads another's file
   mgr = checkpoints.manager(workdir, config.keep_checkpoints)
-  start_step = 0
+  start_step, data_state = 0, None
   if config.resume and mgr.latest_step() is not None:
-    state, saved_meta = checkpoints.restore(mgr, jax.device_get(state))
+    state, saved_meta, data_state = checkpoints.restore(mgr, jax.device_get(state))
     start_step = int(state.step)
     saved_evals = saved_meta.get("evals")
     if saved_evals is None:  # a checkpoint written before the evaluations travelled with it
@@ -144,8 +148,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   train_fn, eval_fn = placement.train_fn(program), placement.eval_fn(program)
   dstate = placement.state(state)
   meta = {"steps_per_epoch": steps_per_epoch, "name": config.name, "evals": evals}  # evals grows in place
+  # the batches of every epoch, positioned where the checkpoint's model stands (a checkpoint without a
+  # pipeline state, from before it was saved, resumes at the model's step of the current order)
+  batches = train_ds.iterator(start_step, data_state)
+
+  def save(host_state):  # the model and the input pipeline's position, of the same step
+    checkpoints.save(mgr, host_state, meta, batches.get_state())
+
   if start_step == 0:
-    checkpoints.save(mgr, jax.device_get(state), meta)
+    save(jax.device_get(state))
   n_quant = sum(int(np.size(p)) for p, m in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(mask)) if m)
   n_params = sum(int(np.size(p)) for p in jax.tree.leaves(variables["params"]))
 
@@ -157,7 +168,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   try:
     for epoch in range(start_step // steps_per_epoch, config.epochs):
       first = step - epoch * steps_per_epoch
-      for batch in train_ds.epoch(epoch, start_step=first):
+      for batch in itertools.islice(batches, steps_per_epoch - first):
         dstate, metrics = train_fn(dstate, placement.batch(batch))
         step += 1
         pending.append(metrics)
@@ -178,7 +189,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             stopped_reason = "nonfinite"
             break
         if step % config.checkpoint_every_steps == 0:
-          checkpoints.save(mgr, placement.unstate(dstate), meta)
+          save(placement.unstate(dstate))
         if config.stop_after_steps and step >= config.stop_after_steps:
           stopped_reason = "stop_after_steps"
           break
@@ -190,12 +201,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         eval_log.write(evals[-1])
         progress.write(f"epoch {epoch + 1}/{config.epochs}: test accuracy {100 * result['accuracy']:.2f}% "
                        f"(loss {result['loss']:.4f})")
-      checkpoints.save(mgr, placement.unstate(dstate), meta)
+      save(placement.unstate(dstate))
   finally:
     progress.close()
 
   host_state = placement.unstate(dstate)
-  checkpoints.save(mgr, host_state, meta)
+  save(host_state)
   if stopped_reason == "nonfinite":
     raise NonFiniteLossError(
         f"stopped at step {step}: {config.max_consecutive_nonfinite} consecutive steps had a non-finite "
