@@ -88,6 +88,15 @@ def _where(results: pathlib.Path) -> str:
       code = "not recorded (before runs recorded their commit)"
     rows.append([folder, f"{len(runs)}", "; ".join(devices), code])
   lines.append(reporting.markdown_table(["folder", "runs", "device", "code"], rows))
+  check = _load(results / "rf_readings" / "rerun_check.json")
+  if check:
+    same = [r for r in check["runs"] if r["accuracies_identical"] and r["params_identical"]]
+    names = ", ".join(f"`{'/'.join(pathlib.Path(r['run']).parts[-4:])}`" for r in check["runs"])
+    lines += ["", f"Dirty-flagged runs re-trained from a clean checkout of their commit "
+              f"(`python -m experiments.rerun_check`, `rf_readings/rerun_check.json`): {len(same)} of "
+              f"{len(check['runs'])} bit-identical in accuracy per epoch and final parameters ({names})."
+              + (" Since CPU runs here are deterministic, what made those trees dirty did not change what was "
+                 "trained." if len(same) == len(check["runs"]) else " NOT ALL IDENTICAL: the dirty runs are suspect.")]
   return "\n".join(lines)
 
 
