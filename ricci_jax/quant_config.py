@@ -90,6 +90,17 @@ class TensorQuant:
   def hparams_dict(self) -> dict[str, float]:
     return dict(self.hparams)
 
+  def to_json(self) -> dict[str, Any]:
+    """A JSON-able dict (the packed file's header and the summary store it); :meth:`from_json` inverts it."""
+    out = dataclasses.asdict(self)
+    out["hparams"] = [list(p) for p in self.hparams]
+    return out
+
+  @classmethod
+  def from_json(cls, data: Mapping[str, Any]) -> TensorQuant:
+    """The :class:`TensorQuant` of :meth:`to_json`'s dict (validated as at construction)."""
+    return cls(**{**data, "hparams": tuple((k, v) for k, v in data["hparams"])})
+
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
@@ -109,3 +120,12 @@ class QuantConfig:
   @property
   def enabled(self) -> bool:
     return self.weight is not None or self.act is not None
+
+  def to_json(self) -> dict[str, Any]:
+    """A JSON-able dict; :meth:`from_json` inverts it."""
+    return {name: None if (v := getattr(self, name)) is None else v.to_json() for name in ("weight", "act")}
+
+  @classmethod
+  def from_json(cls, data: Mapping[str, Any]) -> QuantConfig:
+    return cls(**{name: None if data[name] is None else TensorQuant.from_json(data[name])
+                  for name in ("weight", "act")})

@@ -141,6 +141,22 @@ class QuantRule:
       config = None
     return config if config is not None and config.enabled else None
 
+  def to_json(self) -> dict[str, Any]:
+    """A JSON-able dict; :meth:`from_json` inverts it."""
+    def js(x):
+      return None if x is None else x.to_json()
+    return {"layers": self.layers, "weight": js(self.weight), "act": js(self.act),
+            **{k: js(getattr(self, k)) for k in ("first", "last", "downsample")},
+            "overrides": [[p, js(c)] for p, c in self.overrides]}
+
+  @classmethod
+  def from_json(cls, data: Mapping[str, Any]) -> QuantRule:
+    tq = lambda d: None if d is None else TensorQuant.from_json(d)  # noqa: E731
+    qc = lambda d: None if d is None else QuantConfig.from_json(d)  # noqa: E731
+    return cls(layers=data["layers"], weight=tq(data["weight"]), act=tq(data["act"]),
+               **{k: qc(data[k]) for k in ("first", "last", "downsample")},
+               overrides=tuple((p, qc(c)) for p, c in data["overrides"]))
+
   def unused_overrides(self, names: Iterable[str]) -> list[str]:
     """The override patterns that decide no layer among ``names``.
 

@@ -9,7 +9,6 @@ header (:mod:`ricci_jax.export`) and the model summary's JSON use them.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,51 +26,28 @@ class DescriptionError(ValueError):
 
 
 def tensor_quant_to_json(spec: TensorQuant | None) -> dict | None:
-  if spec is None:
-    return None
-  out = dataclasses.asdict(spec)
-  out["hparams"] = [list(p) for p in spec.hparams]
-  return out
+  """:meth:`TensorQuant.to_json`, or None for a float tensor."""
+  return None if spec is None else spec.to_json()
 
 
 def tensor_quant_from_json(data: Mapping | None) -> TensorQuant | None:
-  if data is None:
-    return None
-  return TensorQuant(**{**data, "hparams": tuple((k, v) for k, v in data["hparams"])})
+  return None if data is None else TensorQuant.from_json(data)
 
 
 def quant_config_to_json(config: QuantConfig | None) -> dict | None:
-  if config is None:
-    return None
-  return {"weight": tensor_quant_to_json(config.weight), "act": tensor_quant_to_json(config.act)}
+  return None if config is None else config.to_json()
 
 
 def quant_config_from_json(data: Mapping | None) -> QuantConfig | None:
-  if data is None:
-    return None
-  return QuantConfig(weight=tensor_quant_from_json(data["weight"]), act=tensor_quant_from_json(data["act"]))
+  return None if data is None else QuantConfig.from_json(data)
 
 
 def rule_to_json(rule: QuantRule | None) -> dict | None:
-  if rule is None:
-    return None
-  return {
-      "layers": rule.layers,
-      "weight": tensor_quant_to_json(rule.weight),
-      "act": tensor_quant_to_json(rule.act),
-      **{k: quant_config_to_json(getattr(rule, k)) for k in ("first", "last", "downsample")},
-      "overrides": [[p, quant_config_to_json(c)] for p, c in rule.overrides],
-  }
+  return None if rule is None else rule.to_json()
 
 
 def rule_from_json(data: Mapping | None) -> QuantRule | None:
-  if data is None:
-    return None
-  return QuantRule(
-      layers=data["layers"], weight=tensor_quant_from_json(data["weight"]),
-      act=tensor_quant_from_json(data["act"]),
-      **{k: quant_config_from_json(data[k]) for k in ("first", "last", "downsample")},
-      overrides=tuple((p, quant_config_from_json(c)) for p, c in data["overrides"]))
+  return None if data is None else QuantRule.from_json(data)
 
 
 def _attr_to_json(value: Any) -> Any:
