@@ -128,7 +128,9 @@ def test_two_processes_train_like_one_process_with_two_devices(reference, tmp_pa
 def test_killing_both_processes_and_restarting_resumes_exactly(reference, tmp_path):
   records = [tmp_path / f"rows_{i}.jsonl" for i in range(2)]
   killed = _two_processes(tmp_path / "run", records, kill_at=11)  # after the checkpoint of step 8
-  assert [p.returncode for p in killed] == [-signal.SIGKILL] * 2, [p.stderr[-2000:] for p in killed]
+  # each kills itself at step 11; a peer that loses its partner first may instead exit through the coordinator
+  codes = [p.returncode for p in killed]
+  assert -signal.SIGKILL in codes and all(c != 0 for c in codes), (codes, [p.stderr[-2000:] for p in killed])
   assert not (tmp_path / "run" / "results.json").exists()
   resumed = _two_processes(tmp_path / "run", [tmp_path / f"rows_resumed_{i}.jsonl" for i in range(2)])
   for p in resumed:

@@ -285,3 +285,19 @@ def test_runs_record_the_commit_and_whether_the_tree_was_dirty(tmp_path):
   head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
   assert summary["source"]["commit"] == head and isinstance(summary["source"]["dirty"], bool)
   assert json.loads((tmp_path / "results.json").read_text())["source"] == summary["source"]
+
+
+def test_validation_of_one_output_folder_by_many_processes_at_once(tmp_path):
+  """The processes of a multi-process run validate the same folder at the same time; their write probes must
+  not delete each other's (a shared probe name failed a restarted two-process run)."""
+  import concurrent.futures  # noqa: PLC0415
+
+  script = ("import sys\nfrom experiments.configs import presets\nfrom ricci_jax import train\n"
+            "c = presets.fashion_mnist('clipped_ste', model='mlp', epochs=1)\n"
+            "for _ in range(200):\n  train.schema.validate(c, sys.argv[1])\n")
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    procs = list(pool.map(lambda _: subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], cwd=REPO,
+                                                   capture_output=True, text=True, timeout=300), range(4)))
+  for p in procs:
+    assert p.returncode == 0, p.stderr[-2000:]
+  assert not list((tmp_path / "run").glob(".write_probe*"))

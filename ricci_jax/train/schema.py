@@ -320,7 +320,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | Non
     path = pathlib.Path(workdir)
     try:
       path.mkdir(parents=True, exist_ok=True)
-      probe = path / ".write_probe"
+      probe = path / f".write_probe.{os.getpid()}"  # per process: the processes of one run share the folder
       probe.write_text("ok")
       probe.unlink()
     except OSError as e:
