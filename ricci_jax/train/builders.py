@@ -35,8 +35,35 @@ def build_quant_rule(config: ml_collections.ConfigDict) -> models.QuantRule | No
   return models.QuantRule(layers=q.layers, weight=weight, act=act)
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  """The zoo model ``config.model`` with the rule of ``config.quant`` (:func:`build_quant_rule`)."""
+def build_nnx_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
+  """The NNX zoo's version of ``config.model``, quantized by :func:`build_quant_rule`, seen through
+  :class:`ricci_jax.nnx.functional.Functional` (Linen's ``init`` / ``apply``)."""
+  from flax import nnx  # noqa: PLC0415  (NNX is imported only by runs that ask for it)
+
+  from ricci_jax.nnx import functional, quantize, zoo  # noqa: PLC0415
+
+  name, rule = config.model.name, build_quant_rule(config)
+  kwargs = {"num_classes": num_classes, "dtype": jnp.dtype(config.model.dtype), "order": config.model.order}
+
+  def build(rngs: nnx.Rngs) -> nnx.Module:
+    if name == "lenet5":
+      model = zoo.LeNet5(rngs=rngs, **kwargs)
+    else:
+      model = zoo.CifarResNet(int(name[len("resnet"):]), rngs=rngs, **kwargs)
+    # definition order is the zoo's call order, so the roles (first, inner, last) are the Linen model's
+    return model if rule is None else quantize(model, rule)
+
+  return functional.Functional(build)
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
+  """The zoo model ``config.model`` with the rule of ``config.quant`` (:func:`build_quant_rule`).
+
+  A Linen module, or with ``model.api="nnx"`` the NNX zoo's version seen as
+  one (:func:`build_nnx_model`): both have ``init`` and ``apply``.
+  """
+  if config.model.api == "nnx":
+    return build_nnx_model(config, num_classes)
   kwargs = {"order": config.model.order}
   if config.model.bireal:
     kwargs["bireal"] = True

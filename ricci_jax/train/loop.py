@@ -37,7 +37,10 @@ import ml_collections
 import numpy as np
 
 from ricci_jax import data as data_lib
+from flax import nnx
+
 from ricci_jax import layers, models, reporting, transform
+from ricci_jax.nnx.functional import Functional
 from ricci_jax.summary import summary as summarize_model
 from ricci_jax.train import builders, checkpoints, schema, steps
 from ricci_jax.train.placement import DataParallel
@@ -63,7 +66,10 @@ def _init_variables(config, model, train_ds) -> tuple[dict, dict, Any]:
   x = jnp.zeros((1,) + tuple(train_ds.image_shape), jnp.float32)
   # one compiled program: eager init dispatches every initializer op by op (ResNet-18: 40 s on a CPU)
   variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(config.seed), x)
-  kernels = models.inspect.quantized_kernels(model, x, train=False)
+  if isinstance(model, Functional):  # an NNX model: its quantizing ops are in its graph
+    kernels = model.quantized_kernels()
+  else:
+    kernels = models.inspect.quantized_kernels(model, x, train=False)
   mask = layers.quantized_kernel_mask(variables["params"], kernels)
   return variables, kernels, mask
 
@@ -112,7 +118,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   variables, kernels, mask = _init_variables(config, model, train_ds)
   if config.init_from:
     variables = _load_init(config, variables)
-  model_summary = summarize_model(model, variables, input_shape=tuple(train_ds.image_shape))
+  if isinstance(model, Functional):
+    module = model.module(variables)
+    model_summary = summarize_model(module, nnx.state(module), input_shape=tuple(train_ds.image_shape))
+  else:
+    model_summary = summarize_model(model, variables, input_shape=tuple(train_ds.image_shape))
   placement = DataParallel()
   use_rf = config.optimizer.name == "rf_sgd"
   program, state = steps.build_program(config, model, variables, mask, steps_per_epoch)

@@ -31,6 +31,9 @@ LR_SCHEDULES = ("multistep", "cosine", "constant")
 ESTIMATOR_SCHEDULES = ("auto", "none")
 LAYER_RULES = ("inner", "all", "none")
 FLOAT_BITS = 32
+MODEL_APIS = ("linen", "nnx")
+NNX_MODELS = ("lenet5", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+"""The zoo models ``model.api="nnx"`` builds from :mod:`ricci_jax.nnx.zoo`."""
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -50,6 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "lenet5"
+  c.model.api = "linen"  # linen | nnx (the NNX zoo: lenet5, resnet20 ... resnet110; same layers, same results)
   c.model.bireal = False  # ResNets: a shortcut around every conv (Bi-Real Net)
   c.model.order = "conv_bn_relu"  # conv_bn_relu (He et al.) | conv_relu_bn (ReSTE's; needed for 1-bit activations)
   c.model.dtype = "float32"  # compute dtype
@@ -257,6 +261,11 @@ def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | Non
   _choice("evaluation split", config.dataset.eval_split, ("test", "validation"))
   _choice("model", config.model.name, tuple(models.MODELS))
   _choice("layer order", config.model.order, tuple(models.ORDERS))
+  _choice("model API", config.model.api, MODEL_APIS)
+  if config.model.api == "nnx":
+    _choice("NNX zoo model", config.model.name, NNX_MODELS)
+    if config.model.bireal:
+      raise ValueError("model.bireal: the NNX zoo's ResNets have no Bi-Real shortcuts; use model.api='linen'")
   _choice("quantized-layer rule", config.quant.layers, LAYER_RULES)
   _choice("weight method", config.quant.weight_method, tuple(m for m in QUANT_METHODS if m != "staircase"))
   _choice("activation method", config.quant.act_method, QUANT_METHODS)
