@@ -10,6 +10,7 @@ scalars for logging. Both are also reachable as ``ricci_jax.transform.<name>``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -94,12 +95,30 @@ def layer_diagnostics(opt_state: Any) -> dict[str, LayerDiagnostics]:
   out: dict[str, LayerDiagnostics] = {}
   for st in found:
     flat = jax.tree_util.tree_flatten_with_path(
-        st.diagnostics, is_leaf=lambda x: isinstance(x, LayerDiagnostics))[0]
-    for path, diag in flat:
-      if isinstance(diag, LayerDiagnostics):
-        key = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-        out[key or "params"] = diag
+        st.diagnostics, is_leaf=lambda x: as_layer_diagnostics(x) is not None)[0]
+    for path, leaf in flat:
+      diag = as_layer_diagnostics(leaf)
+      if diag is not None:
+        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        if names and names[-1] == "value":  # an NNX state's Variable (nnx.Optimizer with wrt=nnx.Param)
+          names = names[:-1]
+        out["/".join(names) or "params"] = diag
   return out
+
+
+def as_layer_diagnostics(x: Any) -> LayerDiagnostics | None:
+  """``x`` as a :class:`LayerDiagnostics`, or ``None`` if it is not one.
+
+  Besides the NamedTuple itself this reads the form an ``nnx.Optimizer``
+  gives it once its state has passed through ``nnx.jit``: a variable around
+  a mapping of the same fields.
+  """
+  if isinstance(x, LayerDiagnostics):
+    return x
+  inner = x.get_value() if hasattr(x, "get_value") else x
+  if isinstance(inner, Mapping) and set(inner.keys()) == set(LayerDiagnostics._fields):
+    return LayerDiagnostics(**{k: inner[k] for k in LayerDiagnostics._fields})
+  return None
 
 
 def summarize_diagnostics(opt_state: Any) -> dict[str, Array]:

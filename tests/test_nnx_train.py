@@ -130,3 +130,36 @@ def test_the_functional_view_refuses_what_it_cannot_carry():
                                                        jax.tree.leaves(variables["batch_stats"]))]
   assert any(changed) and out.shape == (4, 10)
   np.testing.assert_array_equal(view.apply(variables, x), view.apply(variables, x))
+
+
+def test_rf_dnn_diagnostics_are_read_from_an_nnx_optimizer_after_a_jitted_step():
+  """nnx.jit hands an nnx.Optimizer's NamedTuple states back as variables around mappings."""
+  import optax  # noqa: PLC0415
+
+  import ricci_jax as rj  # noqa: PLC0415
+  from ricci_jax import diagnostics  # noqa: PLC0415
+  from ricci_jax import nnx as rjn  # noqa: PLC0415
+  from ricci_jax.nnx.zoo import LeNet5  # noqa: PLC0415
+
+  model = rjn.quantize(LeNet5(rngs=nnx.Rngs(0)), rj.QuantRule(weight=rj.TensorQuant(bits=1)))
+  tx = rj.rf_sgd(0.1, quantized=rjn.kernel_mask(model))
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  rng = np.random.default_rng(0)
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), nnx.state(model, nnx.Param))
+  shifted = jax.tree.map(lambda g: jnp.stack([g * (1 + 0.1 * i) for i in range(4)]), grads)
+
+  @nnx.jit
+  def step(optimizer, model, grads, shifted):
+    optimizer.update(model, grads, translated_grads=nnx.as_pure(shifted))
+
+  step(optimizer, model, grads, shifted)
+  grads, shifted = nnx.as_pure(grads), nnx.as_pure(shifted)
+  got = diagnostics.layer_diagnostics(optimizer.opt_state)
+  _, state = tx.update(grads, tx.init(params), params, translated_grads=shifted)
+  want = diagnostics.layer_diagnostics(state)
+  assert sorted(got) == sorted(want) == ["conv1/kernel", "dense1/kernel", "dense2/kernel"]
+  for name in want:
+    for field in ("tau", "s", "correction", "residual"):
+      np.testing.assert_allclose(getattr(got[name], field), getattr(want[name], field), rtol=1e-6)
+  assert float(want["conv1/kernel"].residual) > 0 and optax is not None
