@@ -39,6 +39,14 @@ per tap, padded taps left out. That is exact: the float product of ±1 values
 sums integers below 2^24, which float32 holds exactly in any order. With a
 scale it would not be (sums of ±s round), so those layers are unpacked.
 
+A *pruned* binary kernel (latent weights exactly 0, ternary {-1, 0, +1} in
+the forward, :func:`ricci_jax.layers.quantize_tensor`) is computed exactly
+too, not unpacked: its mask bits (1 = kept) are packed like its signs, a
+pruned weight contributes 0, and per tap the output is
+``kept - 2 popcount((x XOR w) AND mask)``, ``kept`` being the popcount of
+the tap's mask (the XNOR-popcount of sparse binary networks; again a sum of
+integers, so equal to the float layer's).
+
 Speed and memory (measured numbers: ``benchmarks/README.md``, from
 ``benchmarks/export_inference.py``):
 
@@ -61,6 +69,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -234,18 +243,44 @@ def xnor_layers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Xno
 
 
 def xnor_kernel_words(tensor: export.PackedTensor, layer: XnorLayer) -> np.ndarray:
-  """A packed 1-bit kernel re-laid for XOR-popcount: (out, [kh, kw,] words over the fan-in)."""
-  bits = np.asarray(export.unpack_indices(tensor.arrays["words"], 1, tensor.size)).reshape(tensor.shape)
-  bits = np.moveaxis(bits, -1, 0).astype(np.float32) * 2 - 1  # (out, ..., fan_in) as +-1
-  return np.asarray(pack_signs(jnp.asarray(bits), layer.word_bits))
+  """A packed 1-bit kernel re-laid for XOR-popcount: (out, [kh, kw,] words over the fan-in).
+
+  Bit 1 is +1; a pruned weight's bit is 0 (its mask, :func:`xnor_kernel_mask`, leaves it out).
+  """
+  values = np.asarray(jax.jit(functools.partial(export.dequantize, tensor))(tensor.arrays), np.float32)
+  values = np.moveaxis(np.where(values == 0, -1.0, values), -1, 0)  # (out, ..., fan_in) as +-1
+  return np.asarray(pack_signs(jnp.asarray(values), layer.word_bits))
 
 
-def xnor_apply(layer: XnorLayer, x: jax.Array, words: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-  """The layer's float32 output, computed with XOR-popcount (exactly the float layer's on sign inputs)."""
+def xnor_kernel_mask(tensor: export.PackedTensor, layer: XnorLayer) -> np.ndarray | None:
+  """A pruned 1-bit kernel's mask laid out as :func:`xnor_kernel_words` (bit 1: kept); ``None`` if unpruned."""
+  if not tensor.pruned:
+    return None
+  kept = np.asarray(export.unpack_indices(tensor.arrays["mask"], 1, tensor.size)).reshape(tensor.shape)
+  kept = np.moveaxis(kept, -1, 0).astype(np.float32) * 2 - 1  # kept: +1 (bit 1), pruned: -1 (bit 0)
+  return np.asarray(pack_signs(jnp.asarray(kept), layer.word_bits))
+
+
+def _tap(a: jax.Array, words: jax.Array, mask: jax.Array | None, fan_in: int) -> jax.Array:
+  """Sum over the fan-in of (input sign) x (kernel value) as int32: kept - 2 popcount(mismatch & mask)."""
+  mismatch = a[..., None, :] ^ words
+  if mask is None:
+    kept = fan_in
+  else:
+    mismatch = mismatch & mask
+    kept = jnp.sum(jax.lax.population_count(mask), axis=-1, dtype=jnp.int32)  # per output
+  return kept - 2 * jnp.sum(jax.lax.population_count(mismatch), axis=-1, dtype=jnp.int32)
+
+
+def xnor_apply(layer: XnorLayer, x: jax.Array, words: jax.Array, bias: jax.Array | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
+  """The layer's float32 output, computed with XOR-popcount (exactly the float layer's on sign inputs).
+
+  ``mask`` (from :func:`xnor_kernel_mask`) leaves a pruned kernel's zeros out: exact for a ternary kernel.
+  """
   a = pack_signs(x, layer.word_bits)
   if layer.kind == "dense":
-    differ = jnp.sum(jax.lax.population_count(a[..., None, :] ^ words), axis=-1, dtype=jnp.int32)
-    y = (layer.fan_in - 2 * differ).astype(jnp.float32)
+    y = _tap(a, words, mask, layer.fan_in).astype(jnp.float32)
     return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
   (pt, pb), (pl, pr) = layer.padding
   (kh, kw), (sh, sw) = layer.window, layer.strides
@@ -259,9 +294,8 @@ def xnor_apply(layer: XnorLayer, x: jax.Array, words: jax.Array, bias: jax.Array
       rows = slice(i, i + (oh - 1) * sh + 1, sh)
       cols = slice(j, j + (ow - 1) * sw + 1, sw)
       tap = padded[:, rows, cols, :]  # (b, oh, ow, words)
-      differ = jnp.sum(jax.lax.population_count(tap[..., None, :] ^ words[:, i, j, :]), axis=-1,
-                       dtype=jnp.int32)  # (b, oh, ow, out)
-      out = out + valid[rows, cols][None, :, :, None] * (layer.fan_in - 2 * differ)
+      dot = _tap(tap, words[:, i, j, :], None if mask is None else mask[:, i, j, :], layer.fan_in)
+      out = out + valid[rows, cols][None, :, :, None] * dot  # (b, oh, ow, out)
   y = out.astype(jnp.float32)
   return y if bias is None else y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
 
@@ -323,8 +357,9 @@ class Predictor:
     serving: the serving model (:func:`serving_model`).
     xnor_layers: the layers computed with XOR-popcount, by path.
     arrays: the device arrays the forward reads: ``"tensors"`` (packed, or
-      rebuilt with ``"once"``) and ``"xnor"`` (kernel bits of the XOR-popcount
-      layers, whose packed kernels are then not kept).
+      rebuilt with ``"once"``), ``"xnor"`` (kernel bits of the XOR-popcount
+      layers, whose packed kernels are then not kept) and ``"xnor_mask"``
+      (the mask bits of those of them that are pruned).
   """
 
   def __init__(self, packed: export.Packed | Any, *, model: nn.Module | None = None,
@@ -353,14 +388,18 @@ class Predictor:
                for k, t in packed.tensors.items() if k not in xnor_keys}
     words = {p: jnp.asarray(xnor_kernel_words(packed.tensors[f"params/{p}/kernel"], layer))
              for p, layer in self.xnor_layers.items()}
+    masks = {p: jnp.asarray(m) for p, layer in self.xnor_layers.items()
+             if (m := xnor_kernel_mask(packed.tensors[f"params/{p}/kernel"], layer)) is not None}
     if unpack == "once":
       tensors = jax.jit(lambda a: rebuild_variables(self._tensors, a))(tensors)
-      self._forward = jax.jit(lambda a, x: self._apply(a["tensors"], a["xnor"], x))
+      self._forward = jax.jit(lambda a, x: self._apply(a["tensors"], a["xnor"], a["xnor_mask"], x))
     else:
-      self._forward = jax.jit(lambda a, x: self._apply(rebuild_variables(self._tensors, a["tensors"]), a["xnor"], x))
-    self.arrays = {"tensors": tensors, "xnor": words}
+      self._forward = jax.jit(lambda a, x: self._apply(rebuild_variables(self._tensors, a["tensors"]), a["xnor"],
+                                                       a["xnor_mask"], x))
+    self.arrays = {"tensors": tensors, "xnor": words, "xnor_mask": masks}
 
-  def _apply(self, variables: Mapping[str, Any], words: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
+  def _apply(self, variables: Mapping[str, Any], words: Mapping[str, jax.Array],
+             masks: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
     if self._nnx_apply is not None:
       return self._nnx_apply(variables, x)
     if not self.xnor_layers:
@@ -372,7 +411,7 @@ class Predictor:
       if layer is None or not isinstance(context.module, (nn.Conv, nn.Dense)):
         return next_fun(*args, **kwargs)
       bias = _lookup(variables["params"], path)["bias"] if layer.bias else None
-      return xnor_apply(layer, args[0], words[path], bias)
+      return xnor_apply(layer, args[0], words[path], bias, masks.get(path))
 
     with nn.intercept_methods(intercept):
       return self.serving.apply(variables, x, train=False)

@@ -43,25 +43,72 @@ Array = jax.Array
 QUANT_COLLECTION = "quant"
 
 
+OPERANDS = ("weight", "act")
+"""The operands of a quantized contraction: the kernel and the layer's input activation."""
+
+
+def pruned_mask(kernel: Array) -> Array:
+  """True where ``kernel`` is exactly 0 (``-0.0`` included): the pruned weights.
+
+  The pruning convention of ricci-jax: a pruned weight is a latent weight held
+  at exactly 0.0 (masks keep it there through training, :mod:`ricci_jax.pruning`);
+  no weight is exactly 0 after a normal (continuous) initialisation.
+  """
+  return kernel == 0
+
+
 def quantize_tensor(
     x: Array,
     spec: TensorQuant,
     contraction_axes: Sequence[int],
     hparams: Mapping[str, Any] | None = None,
+    *,
+    operand: str = "weight",
 ) -> Array:
   """Applies ``spec`` to one operand of a contraction.
 
+  **Pruned weights stay zero.** For the kernel (``operand="weight"``), a
+  latent weight that is exactly 0 is *pruned* and its quantized value is
+  exactly 0: a pruned binary kernel is ternary {-1, 0, +1} (``sign(w)`` where
+  ``w != 0``), a pruned k-bit kernel has 0 where pruned, with the scale (if
+  any; still mean|W| over the whole kernel, zeros included) applied to the
+  rest. The gradient with respect to a pruned weight is 0 (the weight enters
+  only through a ``where`` that selects 0, and through a ``stop_gradient``
+  into the scale and the quantizer's statistics). The
+  rule is applied here, once, for both the Linen ops (:class:`QuantDotGeneral`,
+  :class:`QuantConvGeneralDilated`) and the NNX ops
+  (:class:`ricci_jax.nnx.ops.QuantOp`), and the packed export rebuilds it
+  (:mod:`ricci_jax.export`). Without it the quantizers would map a pruned 0 to
+  a level: sign(0) = +1 (RF-DNN Eq. 37, :func:`ricci_jax.quantizers.sign`), an
+  Eq. 38 level ±1/(2^k-1), so the "pruned" weight would still compute. This is
+  the convention of ternary and sparse binary networks (zero weights skip
+  their multiply-accumulate: Li & Liu, "Ternary Weight Networks", 2016;
+  Han et al., "Deep Compression", ICLR 2016). Unpruned kernels are
+  unchanged, value for value.
+
+  The activation (``operand="act"``) is quantized as it is: a binarized input
+  that is exactly 0 (common after a ReLU) keeps sign(0) = +1.
+
   Args:
-    x: the operand (a kernel or an activation).
+    x: the operand (a kernel or an activation), in the dtype the op computes
+      in (a weight is pruned when it is 0 in that dtype).
     spec: how to quantize it.
     contraction_axes: the operand's contraction axes: the ridge method's blocks
       run along them, and the ``channel`` scale averages over them.
     hparams: estimator hyperparameters (arrays, possibly traced); defaults to
       ``spec.hparams``.
+    operand: ``"weight"`` (a kernel: the pruning rule applies) or ``"act"``.
 
   Returns:
     The quantized operand, in ``x``'s dtype, as the forward pass sees it.
   """
+  if operand not in OPERANDS:
+    raise ValueError(f"operand must be one of {OPERANDS}, got {operand!r}")
+  pruned = None
+  if operand == "weight":
+    pruned = pruned_mask(x)
+    # same values; no gradient reaches a pruned weight through the scale or statistics
+    x = jnp.where(pruned, lax.stop_gradient(x), x)
   hp = dict(spec.hparams) if hparams is None else dict(hparams)
   if spec.method == "uniform":
     q = uniform(x, spec.bits, spec.estimator, **hp)
@@ -77,6 +124,8 @@ def quantize_tensor(
     raise ValueError(spec.method)
   if spec.scale != "none":
     q = q * binary_scale(x, spec.scale, reduce_axes=contraction_axes).astype(q.dtype)
+  if pruned is not None:
+    q = jnp.where(pruned, jnp.zeros((), q.dtype), q)
   return q
 
 
@@ -105,10 +154,10 @@ class QuantDotGeneral(nn.Module):
     (lhs_contract, rhs_contract), _ = dimension_numbers
     if self.config.act is not None:
       lhs = quantize_tensor(lhs, self.config.act, lhs_contract,
-                            _operand_hparams(self, "act", self.config.act))
+                            _operand_hparams(self, "act", self.config.act), operand="act")
     if self.config.weight is not None:
       rhs = quantize_tensor(rhs, self.config.weight, rhs_contract,
-                            _operand_hparams(self, "weight", self.config.weight))
+                            _operand_hparams(self, "weight", self.config.weight), operand="weight")
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type, **kwargs)
 
@@ -126,12 +175,12 @@ class QuantConvGeneralDilated(nn.Module):
     if self.config.act is not None:
       # an activation's contraction axis is its feature axis
       lhs = quantize_tensor(lhs, self.config.act, (dn.lhs_spec[1],),
-                            _operand_hparams(self, "act", self.config.act))
+                            _operand_hparams(self, "act", self.config.act), operand="act")
     if self.config.weight is not None:
       # rhs_spec = (out features, in features, spatial...): contract all but the
       # first, in memory order (H, W, I for HWIO), so ridge blocks follow the layout
       rhs = quantize_tensor(rhs, self.config.weight, tuple(sorted(dn.rhs_spec[1:])),
-                            _operand_hparams(self, "weight", self.config.weight))
+                            _operand_hparams(self, "weight", self.config.weight), operand="weight")
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
         dimension_numbers=dn, feature_group_count=feature_group_count,

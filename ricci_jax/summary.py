@@ -19,6 +19,21 @@ bytes of every stored array (:func:`ricci_jax.export.packed_nbytes`), not the
 file's header. Ridge kernels are counted as ``pack(..., exact=False)`` stores
 them (exact packing refuses them).
 
+**Pruned weights** (latent weights exactly 0, which quantize to exactly 0:
+:func:`ricci_jax.layers.quantize_tensor`) are counted when the summary has
+the weights (``params`` for a Linen model; an NNX model's own state or the
+one given): per conv / dense kernel, ``pruned`` and ``sparsity``. A pruned
+weight costs no MAC, so ``macs_saved`` is the pruned weights times the
+positions each kernel weight is applied at (``prod(output.shape[1:-1])``; 1
+for a dense layer). Memory: a pruned quantized kernel is packed as a mask of
+one bit per weight plus the codes of its kept weights
+(:mod:`ricci_jax.export.tensors`), which ``packed_bytes`` counts;
+``dense_packed_bytes`` is what the same kernel takes unpruned, so the saving
+is their difference (negative for a binary kernel: the mask bit costs what a
+pruned sign saved). A float kernel is stored as it is, zeros included. The
+MAC counts (``macs``) stay those of the dense layer. (Sparse-network
+accounting as in Han et al., "Deep Compression", ICLR 2016.)
+
 MACs are counted from the model, not from a table: the forward pass is traced
 abstractly (:func:`ricci_jax.models.inspect.trace`: ``jax.eval_shape``, no
 computation) with every module call recorded, and a layer's MACs are its
@@ -49,6 +64,7 @@ from ricci_jax.quant_config import QuantConfig, TensorQuant
 from ricci_jax.models import inspect, serialization
 from ricci_jax.nnx import describe, zoo
 from ricci_jax.nnx.trace import trace
+from ricci_jax.summary_table import format_summary
 
 MAC_PRECISIONS = ("binary", "k-bit", "float")
 """The MAC classes, see the module docstring."""
@@ -67,8 +83,14 @@ class LayerSummary:
     kernel_params: of which in its kernel (0 without one).
     float32_bytes: the parameters' bytes in float32.
     packed_bytes: the bytes :func:`ricci_jax.export.pack` stores for them.
-    macs: multiply-accumulates per example (0 for a layer without a kernel).
+    macs: multiply-accumulates per example (0 for a layer without a kernel),
+      pruned weights included.
     mac_precision: one of :data:`MAC_PRECISIONS`, or ``None`` without MACs.
+    pruned: exact zeros in its conv / dense kernel (0 when not counted).
+    sparsity: ``pruned / kernel_params`` (0.0 without a kernel).
+    macs_saved: of ``macs``, those of the pruned weights.
+    dense_packed_bytes: ``packed_bytes`` as if nothing were pruned (no mask,
+      every weight's code).
   """
 
   name: str
@@ -81,6 +103,10 @@ class LayerSummary:
   packed_bytes: int
   macs: int
   mac_precision: str | None
+  pruned: int = 0
+  sparsity: float = 0.0
+  macs_saved: int = 0
+  dense_packed_bytes: int = 0
 
   def to_dict(self) -> dict[str, Any]:
     return {**dataclasses.asdict(self), "weight": serialization.tensor_quant_to_json(self.weight),
@@ -98,6 +124,8 @@ class Summary:
     rows: one per module that owns parameters, in call order.
     stats_count: BatchNorm running statistics (values).
     stats_bytes: their bytes (float32, stored as they are in both).
+    pruning_counted: whether the weights were read, so ``pruned`` is a count
+      (a Linen model summarised without ``params``: not, and it is 0).
   """
 
   model: str
@@ -106,6 +134,7 @@ class Summary:
   rows: tuple[LayerSummary, ...]
   stats_count: int
   stats_bytes: int
+  pruning_counted: bool = False
 
   @property
   def params(self) -> int:
@@ -133,6 +162,33 @@ class Summary:
         out[r.mac_precision] += r.macs
     return out
 
+  @property
+  def prunable_params(self) -> int:
+    """Weights in conv / dense kernels (those a pruned count is taken of)."""
+    return sum(r.kernel_params for r in self.rows if r.mac_precision is not None)
+
+  @property
+  def pruned(self) -> int:
+    return sum(r.pruned for r in self.rows)
+
+  @property
+  def macs_saved(self) -> int:
+    return sum(r.macs_saved for r in self.rows)
+
+  @property
+  def dense_packed_bytes(self) -> int:
+    return sum(r.dense_packed_bytes for r in self.rows)
+
+  def pruning(self) -> dict[str, Any]:
+    """The pruning totals (JSON-able; also in :meth:`totals`)."""
+    return {
+        "pruning_counted": self.pruning_counted, "pruned": self.pruned, "prunable_params": self.prunable_params,
+        "sparsity": round(self.pruned / self.prunable_params, 6) if self.prunable_params else 0.0,
+        "macs_saved": self.macs_saved, "macs_after_pruning": sum(self.macs.values()) - self.macs_saved,
+        "dense_packed_bytes": self.dense_packed_bytes,
+        "pruning_bytes_saved": self.dense_packed_bytes - self.packed_bytes,
+    }
+
   def totals(self) -> dict[str, Any]:
     """The totals as a JSON-able dict (what the training program saves with its results)."""
     with_stats_f32 = self.float32_bytes + self.stats_bytes
@@ -145,7 +201,7 @@ class Summary:
         "batch_stats": self.stats_count, "batch_stats_bytes": self.stats_bytes,
         "float32_bytes_with_stats": with_stats_f32, "packed_bytes_with_stats": with_stats_packed,
         "compression_with_stats": _ratio(with_stats_f32, with_stats_packed),
-        "macs": sum(self.macs.values()), "macs_by_precision": self.macs,
+        "macs": sum(self.macs.values()), "macs_by_precision": self.macs, **self.pruning(),
     }
 
   def to_dict(self) -> dict[str, Any]:
@@ -154,7 +210,7 @@ class Summary:
 
   def text(self) -> str:
     """The table and the totals, as printed."""
-    return _format(self)
+    return format_summary(self)
 
   def __str__(self) -> str:
     return self.text()
@@ -238,12 +294,14 @@ def summary(model: Any, params: Any = None, *, batch_stats: Any = None,
     shape = models.input_shape_for(model, input_shape)
   except ValueError as e:  # a model outside the zoo
     raise export.ExportError(str(e)) from None
+  values = None
   if params is not None:
     try:
       params, batch_stats = inspect.split_variables(params, batch_stats)
       inspect.check_variables(model, shape, params, batch_stats, require_stats=False)
     except inspect.VariablesError as e:
       raise export.ExportError(str(e)) from None
+    values = concrete_values(inspect.flatten(params))
   abstract = inspect.abstract_variables(model, shape)
   flat_params = inspect.flatten(abstract.get("params"))
   stats = list(inspect.flatten(abstract.get("batch_stats")).values())
@@ -251,8 +309,15 @@ def summary(model: Any, params: Any = None, *, batch_stats: Any = None,
   dtype = inspect.compute_dtype(model)
   return Summary(
       model=models.name_of(model) or type(model).__name__, input_shape=tuple(shape), dtype=dtype.name,
-      rows=_rows(flat_params, calls, lambda owner: dtype), stats_count=sum(math.prod(s.shape) for s in stats),
-      stats_bytes=sum(math.prod(s.shape) * s.dtype.itemsize for s in stats))
+      rows=_rows(flat_params, calls, lambda owner: dtype, values), stats_count=sum(math.prod(s.shape) for s in stats),
+      stats_bytes=sum(math.prod(s.shape) * s.dtype.itemsize for s in stats), pruning_counted=values is not None)
+
+
+def concrete_values(flat: dict[str, Any]) -> dict[str, np.ndarray] | None:
+  """``flat`` as NumPy arrays, or ``None`` if a leaf is abstract (``jax.eval_shape``'s: nothing to count)."""
+  if any(isinstance(v, jax.ShapeDtypeStruct) or not hasattr(v, "__array__") for v in flat.values()):
+    return None
+  return {k: np.asarray(jax.device_get(v)) for k, v in flat.items()}
 
 
 def nnx_summary(model: nnx.Module, state: Any = None, *, input_shape: tuple[int, ...] | None = None) -> Summary:
@@ -273,8 +338,7 @@ def nnx_summary(model: nnx.Module, state: Any = None, *, input_shape: tuple[int,
     raise export.ExportError(f"{type(model).__name__} is not a model of ricci_jax.nnx.zoo: pass "
                              "input_shape=(H, W, C)")
   try:
-    if state is not None:
-      describe.variables(model, state, require_stats=False)
+    values = describe.variables(model, state, require_stats=False)["params"]  # the model's own if None
     abstract = describe.abstract_variables(model)
   except describe.StateError as e:
     raise export.ExportError(str(e)) from None
@@ -285,18 +349,20 @@ def nnx_summary(model: nnx.Module, state: Any = None, *, input_shape: tuple[int,
   return Summary(
       model=zoo.name_of(model) or type(model).__name__, input_shape=shape,
       dtype=np.dtype(out.dtype).name if out is not None else "float32",
-      rows=_rows(abstract["params"], layers, lambda owner: layers[owner].kernel_dtype),
+      rows=_rows(abstract["params"], layers, lambda owner: layers[owner].kernel_dtype, values),
       stats_count=sum(math.prod(s.shape) for s in stats),
-      stats_bytes=sum(math.prod(s.shape) * s.dtype.itemsize for s in stats))
+      stats_bytes=sum(math.prod(s.shape) * s.dtype.itemsize for s in stats), pruning_counted=True)
 
 
-def _rows(flat_params: dict[str, Any], calls: Any, kernel_dtype: Any) -> tuple[LayerSummary, ...]:
+def _rows(flat_params: dict[str, Any], calls: Any, kernel_dtype: Any,
+          values: dict[str, np.ndarray] | None = None) -> tuple[LayerSummary, ...]:
   """One row per module owning parameters, in call order.
 
   ``calls``: by path, with ``module``, ``config``, ``is_layer`` and
   ``output_shape`` (a Linen :class:`~ricci_jax.models.inspect.Call` or an NNX
   :class:`~ricci_jax.nnx.describe.Layer`); ``kernel_dtype(owner)``: the dtype
-  a quantized kernel is computed in.
+  a quantized kernel is computed in; ``values``: the parameters by path, to
+  count pruned weights (``None``: not counted).
   """
   owners: dict[str, list[str]] = {}
   for path in flat_params:
@@ -311,102 +377,30 @@ def _rows(flat_params: dict[str, Any], calls: Any, kernel_dtype: Any) -> tuple[L
     config_ = call.config if call is not None else None
     weight = config_.weight if config_ is not None else None
     kernel = leaves.get("kernel")
-    packed = 0
-    for leaf, leaf_shape in leaves.items():
-      spec = weight if leaf == "kernel" else None
-      packed += export.packed_nbytes(leaf_shape, spec, kernel_dtype(owner)) if spec is not None else (
-          math.prod(leaf_shape) * itemsize[leaf])
-    macs, precision = 0, None
+    macs, precision, uses, pruned = 0, None, 0, 0
     if kernel is not None and call is not None and call.is_layer and call.output_shape is not None:
       macs = math.prod(call.output_shape[1:]) * math.prod(kernel[:-1])
       precision = mac_precision(config_)
+      uses = math.prod(call.output_shape[1:-1])  # positions each kernel weight is applied at
+      if values is not None:  # zeros as the forward sees them: a quantized kernel in its compute dtype
+        value = values[f"{owner}/kernel"]
+        pruned = int(np.sum(value.astype(kernel_dtype(owner)) == 0 if weight is not None else value == 0))
+    packed = dense = 0
+    for leaf, leaf_shape in leaves.items():
+      spec = weight if leaf == "kernel" else None
+      if spec is None:
+        packed += math.prod(leaf_shape) * itemsize[leaf]
+        dense += math.prod(leaf_shape) * itemsize[leaf]
+      else:
+        packed += export.packed_nbytes(leaf_shape, spec, kernel_dtype(owner), pruned=pruned)
+        dense += export.packed_nbytes(leaf_shape, spec, kernel_dtype(owner))
     count = sum(math.prod(s) for s in leaves.values())
+    kernel_params = math.prod(kernel) if kernel is not None else 0
     rows.append(LayerSummary(
         name=owner, type=_type(call.module if call is not None else None, kernel), weight=weight,
         act=config_.act if config_ is not None else None, params=count,
-        kernel_params=math.prod(kernel) if kernel is not None else 0, float32_bytes=4 * count,
-        packed_bytes=packed, macs=macs, mac_precision=precision))
+        kernel_params=kernel_params, float32_bytes=4 * count,
+        packed_bytes=packed, macs=macs, mac_precision=precision, pruned=pruned,
+        sparsity=round(pruned / kernel_params, 6) if kernel_params else 0.0, macs_saved=pruned * uses,
+        dense_packed_bytes=dense))
   return tuple(rows)
-
-
-# ----------------------------------------------------------------------------
-# The text table.
-# ----------------------------------------------------------------------------
-
-
-def _bits(spec: TensorQuant | None) -> str:
-  return "float" if spec is None else str(spec.bits)
-
-
-def _quantizer(spec: TensorQuant | None) -> str:
-  if spec is None:
-    return "-"
-  return spec.method if spec.method == "ridge" else f"{spec.method}/{spec.estimator}"
-
-
-def _human(n: float) -> str:
-  for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-    if n >= size:
-      return f"{n / size:.2f} {unit}"
-  return f"{n:.0f} B"
-
-
-def _mega(n: int) -> str:
-  return f"{n / 1e6:.2f} M"
-
-
-def _share(part: int, whole: int) -> str:
-  return f"{100 * part / whole:.2f}%" if whole else "-"
-
-
-_COLUMNS = (
-    # header, width, align, value
-    ("layer", None, "<", lambda r: r.name),
-    ("type", 13, "<", lambda r: r.type),
-    ("W", 5, ">", lambda r: _bits(r.weight) if r.macs or r.weight else "-"),
-    ("A", 5, ">", lambda r: _bits(r.act) if r.macs or r.act else "-"),
-    ("W quantizer", 22, "<", lambda r: _quantizer(r.weight)),
-    ("A quantizer", 22, "<", lambda r: _quantizer(r.act)),
-    ("scale", 7, "<", lambda r: r.weight.scale if r.weight is not None else "-"),
-    ("params", 9, ">", lambda r: f"{r.params:,}"),
-    ("float32 B", 11, ">", lambda r: f"{r.float32_bytes:,}"),
-    ("packed B", 10, ">", lambda r: f"{r.packed_bytes:,}"),
-    ("MACs", 12, ">", lambda r: f"{r.macs:,}" if r.mac_precision else "-"),
-    ("MACs as", 7, "<", lambda r: r.mac_precision or "-"),
-)
-
-
-def _format(s: Summary) -> str:
-  name_width = max([len("layer"), len("total")] + [len(r.name) for r in s.rows])
-  widths = [name_width if w is None else w for _, w, _, _ in _COLUMNS]
-
-  def line(cells):
-    return "  ".join(f"{c:{a}{w}}" for c, (_, _, a, _), w in zip(cells, _COLUMNS, widths)).rstrip()
-
-  header = line([h for h, _, _, _ in _COLUMNS])
-  rule = "-" * len(header)
-  macs = s.macs
-  total_macs = sum(macs.values())
-  t = s.totals()
-  total = line(["total", "", "", "", "", "", "", f"{s.params:,}", f"{s.float32_bytes:,}", f"{s.packed_bytes:,}",
-                f"{total_macs:,}", ""])
-  shape = "x".join(str(d) for d in s.input_shape)
-  lines = [
-      f"Model summary: {s.model}, input {shape}, compute dtype {s.dtype}",
-      rule, header, rule, *(line([f(r) for _, _, _, f in _COLUMNS]) for r in s.rows), rule, total, "",
-      f"parameters:               {s.params:,}: {s.quantized_params:,} in quantized kernels "
-      f"({_share(s.quantized_params, s.params)}), {s.params - s.quantized_params:,} float",
-      f"batch-norm statistics:    {s.stats_count:,} values, {s.stats_bytes:,} B (float32 in both)",
-      f"memory, parameters:       float32 {s.float32_bytes:,} B ({_human(s.float32_bytes)}), packed "
-      f"{s.packed_bytes:,} B ({_human(s.packed_bytes)}): {t['compression']:.2f}x smaller",
-      f"memory, with statistics:  float32 {t['float32_bytes_with_stats']:,} B "
-      f"({_human(t['float32_bytes_with_stats'])}), packed {t['packed_bytes_with_stats']:,} B "
-      f"({_human(t['packed_bytes_with_stats'])}): {t['compression_with_stats']:.2f}x smaller",
-      f"MACs per example:         {total_macs:,} ({_mega(total_macs)}): "
-      + ", ".join(f"{k} {macs[k]:,} ({_share(macs[k], total_macs)})" for k in MAC_PRECISIONS),
-      "",
-      "MACs are binary when kernel and input are both 1-bit, k-bit when both are quantized, float otherwise",
-      "(a quantized kernel on a float input included). Packed: the bytes ricci_jax.export.pack stores (kernels",
-      "at their bit width with their scales, the rest as it is), without the file's header.",
-  ]
-  return "\n".join(lines)

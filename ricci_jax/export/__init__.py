@@ -23,6 +23,10 @@ forward (``TensorQuant``)          stored
                                    and mean x (float32)
 ``ridge``, ``ridge_affine=False``  q + 2^(k-1) - 1/2 (k bits) and the fit's
                                    slope per block and output channel
+any of these, with pruned weights  plus a ``mask``, one bit per weight (1 =
+(latent weights exactly 0)         kept); the codes above for the kept
+                                   weights only (a pruned binary kernel:
+                                   mask and signs, a ternary kernel)
 =================================  ==========================================
 
 **Ridge cannot be packed exactly, so** :func:`pack` **refuses it** unless
@@ -41,6 +45,11 @@ rounding-free given max|x|, a max is exact, and the scales mean|W| are
 checked bit for bit.) Ridge with ``ridge_affine=False`` *and* N:M
 ``sparsity`` is refused even then: its pruned entries are 0, which is off the
 half-integer grid, so k bits cannot hold them.
+
+A pruned weight (a latent weight that is exactly 0) quantizes to exactly 0
+(:func:`ricci_jax.layers.quantize_tensor`) and is rebuilt as 0 from the mask;
+a kernel without zeros is stored exactly as before, so files of unpruned
+models do not change (:mod:`~ricci_jax.export.tensors` has the sizes).
 
 Everything else (the first and last layers when they are float, biases,
 BatchNorm's scale, bias and running statistics) is stored as it is. Nothing is

@@ -7,6 +7,16 @@ little-endian bytes back to back. The header records the data's length and
 CRC-32 and each array's offset and length; a file of another version, a
 truncated or corrupted file, or packed words with bits set past the last value
 fail with a clear :class:`~ricci_jax.export.PackedFileError`.
+
+Pruned kernels (:mod:`ricci_jax.export.tensors`) need no new version: such a
+tensor's header entry adds ``"pruned": p`` (the count of its pruned weights)
+and its arrays add ``mask`` (one bit per weight), and its ``words`` hold the
+kept weights' codes only. A tensor without pruned weights is written exactly
+as before, so files of unpruned models are unchanged and every earlier file
+reads as it did. A reader without pruning support refuses a pruned tensor
+(its arrays do not fit), it never misreads one. The loader checks the mask
+like the words (length, stray bits) and that it keeps exactly ``size - p``
+weights.
 """
 
 from __future__ import annotations
@@ -34,8 +44,11 @@ VERSION = 1
 
 
 def _tensor_header(tensor: PackedTensor) -> dict[str, Any]:
-  return {"kind": tensor.kind, "shape": list(tensor.shape), "dtype": tensor.dtype,
-          "spec": serialization.tensor_quant_to_json(tensor.spec), "exact": tensor.exact}
+  out = {"kind": tensor.kind, "shape": list(tensor.shape), "dtype": tensor.dtype,
+         "spec": serialization.tensor_quant_to_json(tensor.spec), "exact": tensor.exact}
+  if tensor.pruned:  # only then: an unpruned tensor's entry is as it always was
+    out["pruned"] = tensor.pruned
+  return out
 
 
 def save(packed: Packed, path: Any) -> int:
@@ -113,17 +126,27 @@ def _read(path: Any) -> tuple[dict[str, Any], bytes]:
 
 
 def _check_words(key: str, tensor: PackedTensor) -> None:
-  words = tensor.arrays["words"]
-  bits = tensor.spec.bits
+  _check_packed(key, tensor.arrays["words"], tensor.spec.bits, tensor.kept)
+  if not tensor.pruned:
+    return
+  mask = tensor.arrays["mask"]
+  _check_packed(f"{key} (mask)", mask, 1, tensor.size)
+  kept = int(np.unpackbits(mask, bitorder="little").sum())
+  if kept != tensor.kept:
+    raise PackedFileError(f"{key}: the mask keeps {kept} weights, the header says {tensor.kept} "
+                          f"({tensor.size} less {tensor.pruned} pruned); the file is corrupted")
+
+
+def _check_packed(key: str, words: np.ndarray, bits: int, count: int) -> None:
   dtype, per = word_layout(bits)
-  if words.dtype != dtype or words.shape != (num_words(tensor.size, bits),):
-    raise PackedFileError(f"{key}: {tensor.size} values of {bits} bits need {num_words(tensor.size, bits)} "
+  if words.dtype != dtype or words.shape != (num_words(count, bits),):
+    raise PackedFileError(f"{key}: {count} values of {bits} bits need {num_words(count, bits)} "
                           f"{dtype.name} words, the file has {words.shape} {words.dtype.name}")
   width = 8 * dtype.itemsize
   if per * bits < width and np.any(words >> np.asarray(per * bits, dtype)):
     raise PackedFileError(f"{key}: bits are set outside the packed values (above bit {per * bits} of a word); "
                           "the file is corrupted")
-  used = tensor.size - (words.size - 1) * per
+  used = count - (words.size - 1) * per
   if words.size and used < per and int(words[-1]) >> (used * bits):
     raise PackedFileError(f"{key}: bits are set outside the packed values (past the last value of the last "
                           "word); the file is corrupted")
@@ -135,7 +158,9 @@ def _expected_arrays(tensor: PackedTensor) -> dict[str, tuple[tuple[int, ...], s
     return {"value": (tuple(tensor.shape), tensor.dtype)}
   spec = tensor.spec
   dtype, _ = word_layout(spec.bits)
-  out = {"words": ((num_words(tensor.size, spec.bits),), dtype.name)}
+  out = {"words": ((num_words(tensor.kept, spec.bits),), dtype.name)}
+  if tensor.pruned:
+    out["mask"] = ((num_words(tensor.size, 1),), word_layout(1)[0].name)
   if tensor.kind == "ridge":
     blocks, _, n_out = ridge_blocks(tensor.shape, spec)
     names = ("slope", "mean_q", "mean_x") if spec.ridge_affine else ("slope",)
@@ -173,7 +198,10 @@ def load(path: Any) -> Packed:
         offset += nbytes
       tensor = PackedTensor(kind=entry["kind"], shape=tuple(entry["shape"]), dtype=entry["dtype"],
                             arrays=arrays, spec=serialization.tensor_quant_from_json(entry["spec"]),
-                            exact=bool(entry["exact"]))
+                            exact=bool(entry["exact"]), pruned=int(entry.get("pruned", 0)))
+      if tensor.pruned and (tensor.kind == "float" or not 0 < tensor.pruned <= tensor.size):
+        raise PackedFileError(f"{key}: a {tensor.kind} tensor of {tensor.size} values cannot have "
+                              f"{tensor.pruned} pruned weights (only quantized kernels store a mask)")
       want = _expected_arrays(tensor)
       got = {n: (tuple(a.shape), a.dtype.name) for n, a in arrays.items()}
       if got != want:

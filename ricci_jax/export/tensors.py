@@ -5,6 +5,20 @@ values packed into words (:mod:`ricci_jax.export.bits`) plus the few floats
 that turn them back into those values, and checks that :func:`dequantize`
 rebuilds the training forward's kernel bit for bit. :class:`Packed` holds a
 whole model's tensors with its description.
+
+**Pruned kernels.** A latent weight that is exactly 0 is pruned and its
+quantized value is exactly 0 (:func:`ricci_jax.layers.quantize_tensor`). A
+quantized kernel with such zeros stores, beside its usual arrays, ``mask``:
+one bit per weight (1 = kept, C order, 8 to a ``uint8``, as
+:func:`~ricci_jax.export.bits.pack_indices` packs 1-bit values), and its
+``words`` hold the codes of the *kept* weights only, in C order (a pruned
+binary kernel: its mask and the signs of its kept weights, i.e. a ternary
+kernel). A kernel of n weights with p pruned thus takes n mask bits plus
+k (n - p) code bits instead of k n: smaller than dense when p / n > 1 / k
+(never for a binary kernel, where the mask costs what the pruned signs
+saved; at p = n / 2 its 1.5 bits per weight are the entropy of a ternary
+weight with P(0) = 1/2). A kernel without zeros is stored exactly as before
+(no mask); float tensors are stored as they are, zeros included.
 """
 
 from __future__ import annotations
@@ -50,6 +64,9 @@ class PackedTensor:
     spec: the kernel's quantizer (``None`` for a float tensor).
     exact: whether the rebuilt tensor is bit for bit the training forward's
       (False only for ridge packed with ``exact=False``).
+    pruned: how many of a quantized kernel's weights are pruned (exactly 0,
+      see the module docstring); when > 0, ``arrays`` has ``mask`` and
+      ``words`` holds the kept weights' codes only.
   """
 
   kind: str
@@ -58,6 +75,7 @@ class PackedTensor:
   arrays: Mapping[str, np.ndarray]
   spec: TensorQuant | None = None
   exact: bool = True
+  pruned: int = 0
 
   @property
   def bits(self) -> int:
@@ -66,6 +84,11 @@ class PackedTensor:
   @property
   def size(self) -> int:
     return int(math.prod(self.shape))
+
+  @property
+  def kept(self) -> int:
+    """Weights that are not pruned (all of them for a float tensor)."""
+    return self.size - self.pruned
 
   @property
   def nbytes(self) -> int:
@@ -134,6 +157,11 @@ class Packed:
     """The quantized kernels by path."""
     return {k: t for k, t in self.tensors.items() if t.kind != "float"}
 
+  @property
+  def pruned(self) -> int:
+    """Pruned weights (exact zeros) in the quantized kernels, stored with a mask."""
+    return sum(t.pruned for t in self.tensors.values())
+
 
 def contraction_axes(shape: tuple[int, ...]) -> tuple[int, ...]:
   """A Flax ``Dense`` / ``Conv`` kernel's contraction axes: all but the last (output) axis."""
@@ -149,18 +177,26 @@ def ridge_blocks(shape: tuple[int, ...], spec: TensorQuant) -> tuple[int, int, i
   return k // bs, bs, int(shape[-1])
 
 
-def packed_nbytes(shape: tuple[int, ...], spec: TensorQuant | None, dtype: Any = np.float32) -> int:
+def packed_nbytes(shape: tuple[int, ...], spec: TensorQuant | None, dtype: Any = np.float32, *,
+                  pruned: int = 0) -> int:
   """Bytes :func:`pack_kernel` stores for a kernel of ``shape`` quantized by ``spec`` (``None``: float).
 
   ``dtype`` is the compute dtype the kernel is quantized in (scales are stored
-  in it); the ridge fit's coefficients are float32.
+  in it); the ridge fit's coefficients are float32. ``pruned`` weights (exact
+  zeros of a quantized kernel) cost their mask bit and no code: the kernel
+  stores one mask bit per weight and the codes of the others (a float tensor
+  is stored as it is, zeros included).
   """
   itemsize = np.dtype(dtype).itemsize
   size = int(math.prod(shape))
   if spec is None:
     return size * itemsize
+  if not 0 <= int(pruned) <= size:
+    raise ValueError(f"pruned must be in [0, {size}] for a kernel of shape {tuple(shape)}, got {pruned}")
   word_dtype, _ = word_layout(spec.bits)
-  total = num_words(size, spec.bits) * word_dtype.itemsize
+  total = num_words(size - int(pruned), spec.bits) * word_dtype.itemsize
+  if pruned:
+    total += num_words(size, 1) * word_layout(1)[0].itemsize
   if spec.method == "ridge":
     blocks, _, out = ridge_blocks(shape, spec)
     total += blocks * out * (3 if spec.ridge_affine else 1) * 4
@@ -192,7 +228,7 @@ def dequantize(tensor: PackedTensor, arrays: Mapping[str, jax.Array] | None = No
   if tensor.kind == "float":
     return jnp.asarray(arrays["value"], dtype)
   spec = tensor.spec
-  idx = unpack_indices(arrays["words"], spec.bits, tensor.size)
+  idx, kept = _codes(tensor, arrays)
   if tensor.kind == "levels":
     q = _level_values(idx, spec.bits).reshape(tensor.shape).astype(dtype)
   elif tensor.kind == "ridge":
@@ -207,13 +243,33 @@ def dequantize(tensor: PackedTensor, arrays: Mapping[str, jax.Array] | None = No
     raise ExportError(f"unknown tensor kind {tensor.kind!r}")
   if spec.scale != "none":
     q = q * jnp.asarray(arrays["scale"]).astype(q.dtype)
+  if kept is not None:  # the pruning rule, in the training forward's order: scaled, then zeroed
+    q = jnp.where(kept.reshape(tensor.shape), q, jnp.zeros((), q.dtype))
   return q
+
+
+def _codes(tensor: PackedTensor, arrays: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array | None]:
+  """Every weight's code in C order, and the kept mask (``None`` for an unpruned kernel).
+
+  A pruned kernel's words hold the kept weights' codes only: the i-th kept
+  weight (C order) takes code i, found with a running count of the mask;
+  a pruned weight gets some code, which :func:`dequantize` then zeroes.
+  """
+  bits = tensor.spec.bits
+  idx = unpack_indices(arrays["words"], bits, tensor.kept)
+  if not tensor.pruned:
+    return idx, None
+  kept = unpack_indices(arrays["mask"], 1, tensor.size) != 0
+  if not tensor.kept:
+    return jnp.zeros((tensor.size,), idx.dtype), kept
+  position = jnp.maximum(jnp.cumsum(kept, dtype=jnp.int32) - 1, 0)
+  return idx[position], kept
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _reference(kernel: jax.Array, spec: TensorQuant, axes: tuple[int, ...]) -> jax.Array:
   """The training forward's quantized kernel."""
-  return layers.quantize_tensor(kernel, spec, axes)
+  return layers.quantize_tensor(kernel, spec, axes, operand="weight")
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -252,6 +308,10 @@ def pack_kernel(kernel: np.ndarray, spec: TensorQuant, dtype: Any = np.float32, 
                 name: str = "kernel", exact: bool = True) -> PackedTensor:
   """Packs one kernel quantized by ``spec`` (contraction over all but the last axis).
 
+  Weights that are exactly 0 in ``dtype`` are pruned: stored as a mask bit
+  and no code (see the module docstring); their rebuilt value is 0, as in the
+  training forward.
+
   Args:
     kernel: the latent (float) kernel, as stored in the params.
     spec: its quantizer.
@@ -272,12 +332,14 @@ def pack_kernel(kernel: np.ndarray, spec: TensorQuant, dtype: Any = np.float32, 
   axes = contraction_axes(shape)
   x = jnp.asarray(kernel).astype(dtype)
   reference = np.asarray(_reference(x, spec, axes))
+  kept = ~np.asarray(layers.pruned_mask(x)).reshape(-1)  # zeros in the dtype the forward sees
+  pruned = int(kept.size - np.count_nonzero(kept))
   arrays: dict[str, np.ndarray] = {}
   if spec.method in ("uniform", "dorefa"):
     kind = "levels"
     levels = np.asarray(_reference(x, dataclasses.replace(spec, scale="none"), axes))
     n = 2.0**spec.bits - 1.0
-    idx = _indices_from_values(levels, spec.bits, -1.0, 2.0 / n)
+    idx = _indices_from_values(levels.reshape(-1)[kept], spec.bits, -1.0, 2.0 / n)
   elif spec.method == "ridge":
     kind = "ridge"
     if exact:
@@ -294,18 +356,19 @@ def pack_kernel(kernel: np.ndarray, spec: TensorQuant, dtype: Any = np.float32, 
           "another bit each. Use ridge_affine=True (pruned entries are level 0) or no sparsity.")
     parts = {k: np.asarray(v) for k, v in _ridge_parts(x, spec).items()}
     offset = 0.0 if spec.ridge_affine else -(2.0**(spec.bits - 1) - 0.5)
-    idx = _indices_from_values(parts.pop("q"), spec.bits, offset, 1.0)
+    idx = _indices_from_values(parts.pop("q").reshape(-1)[kept], spec.bits, offset, 1.0)
     arrays.update(parts)
   else:
     raise ExportError(f"{name}: the {spec.method!r} method is for activations, not kernels")
   if idx is None:
     raise ExportError(f"{name}: the {spec.method} forward's values are not on its {spec.bits}-bit grid, so "
                       "they cannot be stored as integers")
-  arrays = {"words": pack_indices(idx, spec.bits), **arrays}
+  mask = {"mask": pack_indices(kept.astype(np.uint8), 1)} if pruned else {}
+  arrays = {"words": pack_indices(idx, spec.bits), **mask, **arrays}
   if spec.scale != "none":
     arrays["scale"] = np.asarray(_scale(x, spec.scale, axes))
   tensor = PackedTensor(kind=kind, shape=shape, dtype=dtype.name, arrays=arrays, spec=spec,
-                        exact=kind != "ridge")
+                        exact=kind != "ridge", pruned=pruned)
   rebuilt = np.asarray(jax.jit(functools.partial(dequantize, tensor))(tensor.arrays))
   if not tensor.exact:
     ref32, got32 = reference.astype(np.float32), rebuilt.astype(np.float32)
@@ -319,8 +382,9 @@ def pack_kernel(kernel: np.ndarray, spec: TensorQuant, dtype: Any = np.float32, 
         f"{name}: the packed kernel does not reproduce the training forward bit for bit ({spec.method}, "
         f"{spec.bits} bits, scale {spec.scale!r}, dtype {dtype.name}: {differ} of {reference.size} values "
         "differ), so it cannot be packed exactly")
-  if tensor.nbytes != packed_nbytes(shape, spec, dtype):  # pragma: no cover - a bookkeeping invariant
-    raise AssertionError(f"{name}: {tensor.nbytes} bytes stored, {packed_nbytes(shape, spec, dtype)} accounted")
+  accounted = packed_nbytes(shape, spec, dtype, pruned=pruned)
+  if tensor.nbytes != accounted:  # pragma: no cover - a bookkeeping invariant
+    raise AssertionError(f"{name}: {tensor.nbytes} bytes stored, {accounted} accounted")
   return tensor
 
 

@@ -9,7 +9,9 @@ and, when its config says so, the input (``lhs``) with
 :func:`ricci_jax.layers.quantize_tensor` (the same ``custom_vjp`` quantizers
 and estimators as the Linen layers), then calls the plain ``lax`` op. So for
 a 1-bit weight with the clipped STE the layer computes ``y = x sign(W) + b``
-and its kernel gradient is ``dL/dW = (dL/dW_q) * 1[|W| <= clip]``.
+and its kernel gradient is ``dL/dW = (dL/dW_q) * 1[|W| <= clip]``; a pruned
+weight (exactly 0) quantizes to 0 and gets no gradient, in the one place
+both APIs share (``quantize_tensor``).
 
 The ops hold no parameter, so a quantized model's ``nnx.Param`` state has
 the same paths and shapes as its float twin's. Estimator hyperparameters
@@ -75,11 +77,16 @@ class QuantOp(nnx.Module):
     return {} if values is None else {k: v[...] for k, v in values.items()}
 
   def quantize(self, operand: str, x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """``x`` quantized as ``config.<operand>`` says (unchanged when that is ``None``)."""
+    """``x`` quantized as ``config.<operand>`` says (unchanged when that is ``None``).
+
+    The kernel (``"weight"``) follows the pruning rule of
+    :func:`ricci_jax.layers.quantize_tensor` (a weight that is exactly 0 is
+    pruned and quantizes to exactly 0), the input does not, as in the Linen ops.
+    """
     spec = getattr(self.config, operand)
     if spec is None:
       return x
-    return quantize_tensor(x, spec, axes, self.hparams(operand))
+    return quantize_tensor(x, spec, axes, self.hparams(operand), operand=operand)
 
 
 class QuantDot(QuantOp):
