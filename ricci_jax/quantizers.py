@@ -16,6 +16,9 @@ Every quantizer here is a ``jax.custom_vjp`` whose forward is the discrete map
 ``binary_scale``       the weight scale modes: none, per-tensor or
                        per-channel mean|W|.
 =====================  ======================================================
+
+``nm_sparsity_mask`` (the ridge code's N:M sparsity) lives in
+:mod:`ricci_jax.pruning.nm` and stays importable from here.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ricci_jax.estimators import ESTIMATORS, get_estimator
+from ricci_jax.pruning.nm import nm_sparsity_mask, parse_sparsity  # re-exported: quantizers.nm_sparsity_mask
 
 __all__ = [
     "ESTIMATORS",
@@ -275,42 +279,6 @@ def binary_scale(
 # ----------------------------------------------------------------------------
 
 
-def nm_sparsity_mask(x: Array, n: int, m: int, axis: int = 0) -> Array:
-  """Keeps the ``n`` largest-magnitude values of every ``m`` consecutive along ``axis``.
-
-  Returns a {0, 1} mask of ``x``'s shape and dtype (2:4 keeps two of four).
-  Ties keep the earlier element.
-  """
-  n, m = int(n), int(m)
-  if not 0 < n < m:
-    raise ValueError(f"an N:M sparsity pattern needs 0 < N < M, got {n}:{m}")
-  axis = axis % x.ndim
-  if x.shape[axis] % m:
-    raise ValueError(
-        f"{n}:{m} sparsity needs the axis length divisible by {m}; axis {axis} has "
-        f"length {x.shape[axis]}")
-  moved = jnp.moveaxis(jnp.abs(x), axis, -1)
-  groups = moved.reshape(moved.shape[:-1] + (moved.shape[-1] // m, m))
-  # rank of each element inside its group (0 = largest); stable for ties
-  order = jnp.argsort(-groups, axis=-1, stable=True)
-  ranks = jnp.argsort(order, axis=-1, stable=True)
-  keep = (ranks < n).reshape(moved.shape)
-  return jnp.moveaxis(keep, -1, axis).astype(x.dtype)
-
-
-def _parse_sparsity(sparsity) -> tuple[int, int] | None:
-  if sparsity is None:
-    return None
-  if isinstance(sparsity, str):
-    try:
-      n, m = (int(p) for p in sparsity.split(":"))
-    except ValueError:
-      raise ValueError(f"sparsity must look like '2:4' (keep N of every M), got {sparsity!r}") from None
-  else:
-    n, m = sparsity
-  return int(n), int(m)
-
-
 def _quantize_with_detached_noise(x: Array, bits: int, affine: bool, axis: int) -> Array:
   """q = f(x) + stop_gradient(round(f(x)) - f(x)) with f's scale and offset detached.
 
@@ -367,7 +335,7 @@ def ridge_quantize(
     sparsity: ``"2:4"`` or ``(2, 4)``: keep N of every M along ``axis``.
     axis: the axis each block's entries run along.
   """
-  nm = _parse_sparsity(sparsity)
+  nm = parse_sparsity(sparsity)
   xs = x
   mask = None
   if nm is not None:
