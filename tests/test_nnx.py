@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 
 import flax
 import jax
@@ -338,3 +339,73 @@ def test_the_nnx_example_runs_in_small_mode(capsys):
   assert "'conv1': 'float'" in out and "'conv2': '1-bit'" in out and "'out': 'float'" in out
   assert np.isfinite(result["loss"]) and 0.0 <= result["test_accuracy"] <= 1.0
   assert result["served_exactly"] and "served logits equal the model's bit for bit: True" in out
+
+
+# ----------------------------------------------------------------------------
+# nnx.Einsum (a simple one) and a masked nnx.Conv.
+# ----------------------------------------------------------------------------
+
+
+class _WithEinsum(nnx.Module):
+  def __init__(self, rngs, equation="bd,df->bf"):
+    self.first = nnx.Linear(8, 12, rngs=rngs)
+    self.mix = nnx.Einsum(equation, (12, 16), (16,), rngs=rngs)
+    self.last = nnx.Linear(16, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.last(nnx.relu(self.mix(nnx.relu(self.first(x)))))
+
+
+def test_a_quantized_einsum_is_the_float_einsum_at_sign_w_with_the_clipped_ste_gradient():
+  model = rjn.quantize(_WithEinsum(nnx.Rngs(0)), rj.QuantRule(weight=W1), jnp.zeros((1, 8)))
+  assert {p: c is not None for p, c in rjn.quant_plan(model).items()} == {"first": False, "mix": True, "last": False}
+  assert {k for k, v in _flat(rjn.kernel_mask(model)).items() if v} == {"mix/kernel"}
+  h = np.random.default_rng(0).normal(size=(5, 12)).astype(np.float32)
+  k = np.asarray(model.mix.kernel[...], np.float64)
+  c = np.random.default_rng(1).normal(size=(5, 16))
+  want = h.astype(np.float64) @ np.where(k >= 0, 1.0, -1.0) + np.asarray(model.mix.bias[...], np.float64)
+  np.testing.assert_allclose(model.mix(jnp.asarray(h)), want, rtol=1e-5, atol=1e-5)
+  grads = nnx.grad(lambda m: jnp.sum(m.mix(jnp.asarray(h)) * c))(model)
+  # dL/dW_q = h^T c, passed where |w| <= 1 (the clipped STE)
+  np.testing.assert_allclose(grads["mix"]["kernel"][...], (h.T @ c) * (np.abs(k) <= 1), rtol=1e-5, atol=1e-5)
+  # summarised (MACs: 12 x 16 per example) and served from a packed file bit for bit
+  table = rj.summary(model, nnx.state(model), input_shape=(8,))
+  assert table.totals()["macs"] == 8 * 12 + 12 * 16 + 16 * 3
+  x = jax.random.normal(jax.random.key(2), (4, 8))
+  path = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"einsum_{os.getpid()}.npz"
+  try:
+    rj.export.save(rj.export.pack(nnx.state(model), model, input_shape=(8,)), path)
+    served = rj.inference.Predictor(path, model=_WithEinsum(nnx.Rngs(5)))(x)
+  finally:
+    path.unlink(missing_ok=True)
+  np.testing.assert_array_equal(served, model(x))
+
+
+@pytest.mark.parametrize("equation,problem", [
+    ("...d,df->...f", "ellipsis"), ("bd,dd->bd", "repeated"),
+    ("bd,df->bg", "no operand has")])
+def test_an_einsum_that_is_not_simple_is_refused_naming_it(equation, problem):
+  class Odd(nnx.Module):
+    def __init__(self, rngs):
+      self.first = nnx.Linear(8, 12, rngs=rngs)
+      self.mix = nnx.Einsum(equation, (12, 16) if equation != "bd,dd->bd" else (12, 12), rngs=rngs)
+      self.last = nnx.Linear(16, 3, rngs=rngs)
+
+  with pytest.raises(ValueError, match=rf"'mix': einsum {re.escape(repr(equation))} is not simple.*{problem}"):
+    rjn.quantize(Odd(nnx.Rngs(0)), rj.QuantRule(weight=W1))
+  kept = rjn.quantize(Odd(nnx.Rngs(0)), rj.QuantRule(layers="all", weight=W1, overrides={"mix": None}))
+  assert rjn.quant_plan(kept)["mix"] is None
+
+
+def test_a_masked_conv_is_quantized_with_its_masked_weights_at_zero():
+  mask = np.ones((3, 3, 2, 4), np.float32)
+  mask[1, 1] = 0.0  # the centre tap of every filter pruned
+  conv = nnx.Conv(2, 4, (3, 3), mask=jnp.asarray(mask), use_bias=False, rngs=nnx.Rngs(0))
+  model = rjn.quantize(One(conv), rj.QuantRule(layers="all", weight=W1))
+  x = np.random.default_rng(0).normal(size=(2, 5, 5, 2)).astype(np.float32)
+  w = np.asarray(conv.kernel[...], np.float64)
+  ternary = np.where(w >= 0, 1.0, -1.0) * mask
+  want = jax.lax.conv_general_dilated(jnp.asarray(x, jnp.float64) if jax.config.jax_enable_x64 else jnp.asarray(x),
+                                      jnp.asarray(ternary, jnp.float32), (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(model(jnp.asarray(x)), want, rtol=1e-5, atol=1e-5)

@@ -24,7 +24,7 @@ the export and serving read an NNX model and :mod:`ricci_jax.nnx.trace` for the
 abstract forward pass they all trace.
 """
 
-from ricci_jax.nnx.ops import QuantConv, QuantDot, QuantHparam, QuantOp
+from ricci_jax.nnx.ops import QuantConv, QuantDot, QuantEinsum, QuantHparam, QuantOp
 from ricci_jax.nnx.quantize import (
     KNOWN_UNSUPPORTED,
     SUPPORTED,
@@ -39,7 +39,7 @@ from ricci_jax.nnx.quantize import (
 from ricci_jax.nnx.training import param_loss, translated_grads
 
 __all__ = [
-    "KNOWN_UNSUPPORTED", "QuantConv", "QuantDot", "QuantHparam", "QuantOp", "SUPPORTED",
+    "KNOWN_UNSUPPORTED", "QuantConv", "QuantDot", "QuantEinsum", "QuantHparam", "QuantOp", "SUPPORTED",
     "contraction_layers", "is_quantized", "kernel_mask", "param_loss", "plan", "quant_plan",
     "quantize", "set_hparams", "translated_grads",
 ]

@@ -53,7 +53,7 @@ COLLECTIONS = {"params": nnx.Param, "batch_stats": nnx.BatchStat}
 NOT_STORED = (QuantHparam, nnx.RngState)
 """Variables an eval-mode forward does not read (estimator hyperparameters act in the backward only)."""
 
-PLAIN_OPS = {nnx.Linear: lax.dot_general, nnx.Conv: lax.conv_general_dilated}
+PLAIN_OPS = {nnx.Linear: lax.dot_general, nnx.Conv: lax.conv_general_dilated, nnx.Einsum: jax.numpy.einsum}
 """What a quantizing op computes once nothing is left to quantize."""
 
 

@@ -1,10 +1,11 @@
 """The quantizing ops that :func:`ricci_jax.nnx.quantize` injects into NNX layers.
 
 ``nnx.Linear`` calls ``self.dot_general(inputs, kernel, dimension_numbers,
-...)`` and ``nnx.Conv`` calls ``self.conv_general_dilated(inputs, kernel,
-...)``: both are attributes of the layer instance, the NNX twins of Linen's
-``dot_general_cls`` / ``conv_general_dilated_cls``. :class:`QuantDot` and
-:class:`QuantConv` take those places. Each quantizes the kernel (``rhs``)
+...)``, ``nnx.Conv`` calls ``self.conv_general_dilated(inputs, kernel,
+...)`` and ``nnx.Einsum`` calls ``self.einsum_op(einsum_str, inputs, kernel,
+...)``: all are attributes of the layer instance, the NNX twins of Linen's
+``dot_general_cls`` / ``conv_general_dilated_cls``. :class:`QuantDot`,
+:class:`QuantConv` and :class:`QuantEinsum` take those places. Each quantizes the kernel (``rhs``)
 and, when its config says so, the input (``lhs``) with
 :func:`ricci_jax.layers.quantize_tensor` (the same ``custom_vjp`` quantizers
 and estimators as the Linen layers), then calls the plain ``lax`` op. So for
@@ -26,6 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
@@ -121,3 +123,61 @@ class QuantConv(QuantOp):
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
         dimension_numbers=dn, feature_group_count=feature_group_count,
         batch_group_count=batch_group_count, precision=precision, **kwargs)
+
+
+def einsum_contraction_axes(subscripts: str, lhs_ndim: int | None = None, rhs_ndim: int | None = None
+                            ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """The contraction axes of each operand of a simple two-operand einsum, ``(lhs axes, rhs axes)``.
+
+  Simple means what a quantizer needs to know which axes a weight is summed
+  over: two operands, an explicit output (``->``), letters only (no
+  ``...``), no letter twice in one operand, every output letter from an
+  operand. An operand's contraction axes are its letters absent from the
+  output (for ``"bd,df->bf"``: ``d``, axis 1 of the input and axis 0 of
+  the kernel, as for a dense layer).
+
+  Raises:
+    ValueError: an einsum that is not simple, or operands of other ranks
+      (checked when the ranks are given).
+  """
+  spec = subscripts.replace(" ", "")
+  inputs, arrow, output = spec.partition("->")
+  operands = inputs.split(",")
+  problem = None
+  if not arrow:
+    problem = "no explicit output ('->')"
+  elif len(operands) != 2:
+    problem = f"{len(operands)} operands"
+  elif not all(part.isalpha() for part in (*operands, output) if part):
+    problem = "an ellipsis or a character that is not a letter"
+  elif any(len(set(part)) != len(part) for part in (*operands, output)):
+    problem = "a letter repeated within one operand (a trace or diagonal)"
+  elif set(output) - set(operands[0]) - set(operands[1]):
+    problem = "an output letter that no operand has"
+  if problem:
+    raise ValueError(f"einsum {subscripts!r} is not simple enough to quantize ({problem}): a quantized nnx.Einsum "
+                     "needs 'lhs,rhs->out' in letters, each at most once per operand")
+  lhs, rhs = operands
+  if (lhs_ndim is not None and len(lhs) != lhs_ndim) or (rhs_ndim is not None and len(rhs) != rhs_ndim):
+    raise ValueError(f"einsum {subscripts!r} names {len(lhs)} and {len(rhs)} axes; the operands have "
+                     f"{lhs_ndim} and {rhs_ndim}")
+  return (tuple(i for i, c in enumerate(lhs) if c not in output),
+          tuple(i for i, c in enumerate(rhs) if c not in output))
+
+
+class QuantEinsum(QuantOp):
+  """A ``jnp.einsum`` that quantizes its operands first (``nnx.Einsum.einsum_op``).
+
+  ``nnx.Einsum`` calls ``self.einsum_op(einsum_str, inputs, kernel, ...)``:
+  the input is the first operand and the kernel the second. Each is quantized
+  along its contraction axes (:func:`einsum_contraction_axes`), which is
+  where the channel scale averages and the ridge blocks run, as for
+  :class:`QuantDot`. Only simple einsums (two operands, explicit output,
+  letters) are accepted.
+  """
+
+  def __call__(self, subscripts, lhs, rhs, precision=None, **kwargs: Any):
+    lhs_axes, rhs_axes = einsum_contraction_axes(subscripts, lhs.ndim, rhs.ndim)
+    lhs = self.quantize("act", lhs, lhs_axes)
+    rhs = self.quantize("weight", rhs, rhs_axes)
+    return jnp.einsum(subscripts, lhs, rhs, precision=precision, **kwargs)

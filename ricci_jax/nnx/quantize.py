@@ -2,8 +2,9 @@
 
 Which layers are quantized is decided by a :class:`ricci_jax.models.QuantRule`,
 as for the Linen zoo. The layers a rule can decide are the model's
-contractions with a kernel: ``nnx.Linear`` and ``nnx.Conv`` (quantized here)
-and ``nnx.LinearGeneral``, ``nnx.Einsum``, ``nnx.ConvTranspose`` (known, not
+contractions with a kernel: ``nnx.Linear``, ``nnx.Conv`` and ``nnx.Einsum``
+(quantized here; an einsum only when it is simple: two operands, an explicit
+output, letters) and ``nnx.LinearGeneral``, ``nnx.ConvTranspose`` (known, not
 quantized: a rule that selects one fails). Each such layer gets a role:
 
 * ``first``: the first of them, ``last``: the last of them (one layer alone
@@ -39,16 +40,17 @@ from ricci_jax.layers import path_names
 from ricci_jax.models.inspect import listing
 from ricci_jax.models.rules import QuantRule
 from ricci_jax.nnx.trace import join, trace
-from ricci_jax.nnx.ops import OPERANDS, QuantConv, QuantDot, QuantHparam, QuantOp
+from ricci_jax.nnx.ops import OPERANDS, QuantConv, QuantDot, QuantEinsum, QuantHparam, QuantOp, einsum_contraction_axes
 from ricci_jax.quant_config import QuantConfig
 
-INJECTION = {nnx.Linear: ("dot_general", QuantDot), nnx.Conv: ("conv_general_dilated", QuantConv)}
+INJECTION = {nnx.Linear: ("dot_general", QuantDot), nnx.Conv: ("conv_general_dilated", QuantConv),
+             nnx.Einsum: ("einsum_op", QuantEinsum)}
 """The layer types we quantize, with the attribute their op replaces and the op."""
 
 SUPPORTED = tuple(INJECTION)
-"""``nnx.Linear`` and ``nnx.Conv``."""
+"""``nnx.Linear``, ``nnx.Conv`` and ``nnx.Einsum`` (a simple one: :func:`ricci_jax.nnx.ops.einsum_contraction_axes`)."""
 
-KNOWN_UNSUPPORTED = (nnx.LinearGeneral, nnx.Einsum, nnx.ConvTranspose)
+KNOWN_UNSUPPORTED = (nnx.LinearGeneral, nnx.ConvTranspose)
 """Contractions with a kernel that take part in the roles but cannot be quantized here."""
 
 
@@ -188,10 +190,13 @@ def quantize(model: nnx.Module, rule: QuantRule, *example_args, **example_kwargs
   pass (``model(*example_args, **example_kwargs)``); otherwise definition
   order is used (see the module docstring).
 
+  A selected ``nnx.Conv`` with a ``mask`` is quantized as it is: the mask
+  zeroes kernel weights before the op, and a weight that is exactly 0
+  quantizes to 0 (a pruned weight, :func:`ricci_jax.layers.quantize_tensor`).
+
   Raises:
     ValueError: everything :func:`plan` refuses; a model already quantized;
-      a selected ``nnx.Conv`` with a ``mask`` (it would be applied before the
-      quantizer, whose sign(0) = +1 undoes it).
+      a selected ``nnx.Einsum`` whose equation is not simple.
   """
   if not isinstance(model, nnx.Module):
     raise ValueError(f"expected a Flax NNX module, got {type(model).__name__}")
@@ -201,8 +206,12 @@ def quantize(model: nnx.Module, rule: QuantRule, *example_args, **example_kwargs
   decided = plan(model, rule, *example_args, **example_kwargs)
   layers = contraction_layers(model)
   for path, config in decided.items():
-    if config is not None and getattr(layers[path], "mask", None) is not None and config.weight is not None:
-      raise ValueError(f"{path!r} is an nnx.Conv with a mask; masked kernels cannot be quantized")
+    einsum = getattr(layers[path], "einsum_str", None) if isinstance(layers[path], nnx.Einsum) else None
+    if config is not None and einsum is not None:
+      try:
+        einsum_contraction_axes(einsum, None, len(layers[path].kernel.shape))
+      except ValueError as e:
+        raise ValueError(f"{path!r}: {e} (keep it float with overrides={{{path!r}: None}})") from None
   for path, config in decided.items():
     if config is None:
       continue
