@@ -225,3 +225,68 @@ def plot_comparison(curves: Mapping[str, Sequence[Sequence[float]]], path: str |
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def plot_dead_neurons(records: Sequence[Mapping], path: str | os.PathLike, title: str = "", max_sites: int = 40):
+  """Dead neuron rate (:mod:`ricci_jax.dead_neurons`) per ReLU site and overall against step, and against sparsity.
+
+  ``records`` are DNR log lines (JSON objects, one per measurement, as
+  :func:`ricci_jax.dead_neurons.dnr_record` writes them)::
+
+    {"step": int,                      # the training step of the measurement
+     "mode": "train" | "eval",         # optional, default "train": dynamic DNR
+                                       #   (train mode, training batches) or
+                                       #   post-training DNR (eval mode, test set)
+     "sparsity": float,                # optional: share of prunable weights that are 0, in [0, 1]
+     "dnr": {"global": float,          # unit-weighted DNR over all sites, in [0, 1]
+             "<site>": float, ...}}    # the DNR of each ReLU site
+
+  Other keys are ignored. Left: each site's DNR (train records, or eval ones
+  when there are none; colour from first to last site, at most ``max_sites``
+  sites drawn) and the global one (black) against step. Middle: the global
+  DNR against step, one line per mode. Right, only when some records carry
+  ``sparsity``: the global DNR against sparsity, per mode the last record
+  (largest step) at each sparsity level. Nothing is drawn for no records.
+  """
+  if not records:
+    return
+  plt = pyplot()
+  by_mode: dict[str, list[Mapping]] = {}
+  for r in sorted(records, key=lambda r: r["step"]):
+    by_mode.setdefault(r.get("mode", "train"), []).append(r)
+  with_sparsity = [r for r in records if r.get("sparsity") is not None]
+  panels = 3 if with_sparsity else 2
+  fig, axes = plt.subplots(1, panels, figsize=(4.8 * panels, 4))
+  shown_mode = "train" if "train" in by_mode else sorted(by_mode)[0]
+  shown = by_mode[shown_mode]
+  sites = [s for s in shown[0]["dnr"] if s != "global"][:max_sites]
+  cmap = plt.get_cmap("viridis")
+  steps = [r["step"] for r in shown]
+  for i, site in enumerate(sites):
+    axes[0].plot(steps, [float(r["dnr"].get(site, float("nan"))) for r in shown], lw=1,
+                 color=cmap(i / max(1, len(sites) - 1)), label=site if i in (0, len(sites) - 1) else None)
+  axes[0].plot(steps, [float(r["dnr"]["global"]) for r in shown], "k-", lw=2, label="global")
+  axes[0].set_title(f"DNR per ReLU site ({shown_mode})", fontsize=9)
+  for mode, rs in sorted(by_mode.items()):
+    axes[1].plot([r["step"] for r in rs], [float(r["dnr"]["global"]) for r in rs], "o-", ms=3, label=mode)
+  axes[1].set_title("global DNR (unit-weighted)", fontsize=9)
+  for ax in axes[:2]:
+    ax.set_xlabel("step")
+  if with_sparsity:
+    for mode, rs in sorted(by_mode.items()):
+      last: dict[float, Mapping] = {}
+      for r in rs:  # sorted by step: the last one at each sparsity wins
+        if r.get("sparsity") is not None:
+          last[float(r["sparsity"])] = r
+      xs = sorted(last)
+      axes[2].plot(xs, [float(last[x]["dnr"]["global"]) for x in xs], "o-", ms=3, label=mode)
+    axes[2].set_xlabel("sparsity (share of prunable weights that are 0)")
+    axes[2].set_title("global DNR against sparsity (last record per level)", fontsize=9)
+  for ax in axes:
+    ax.set_ylabel("DNR (share of ReLU outputs = 0)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -21,6 +21,13 @@ Two orders of the conv / norm / nonlinearity triple are offered:
 
 Activations are NHWC throughout; BatchNorm keeps float32 statistics whatever
 the compute ``dtype`` (Flax's ``force_float32_reductions``).
+
+**ReLU sites.** Every ReLU goes through :func:`ricci_jax.dead_neurons.relu`,
+which records its output for the dead-neuron-rate diagnostics (a no-op in an
+ordinary forward pass). A site is named after the BN of its unit,
+:func:`relu_site` (``bn_init`` -> ``relu_init``, ``stage1_block0_bn1`` ->
+``stage1_block0_relu1``, ``block1_dw_bn`` -> ``block1_dw_relu``); the ReLU
+after a residual addition is ``{block}_relu_add`` (:func:`after_add`).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ricci_jax import dead_neurons
 from ricci_jax.quant_config import QuantConfig
 from ricci_jax.layers import QuantConv, QuantDense
 from ricci_jax.models.rules import QuantRule, resolve
@@ -112,6 +120,20 @@ def norm(m: nn.Module, name: str, train: bool) -> nn.BatchNorm:
                       epsilon=m.norm_epsilon, dtype=m.dtype, name=name)
 
 
+def relu_site(bn_name: str) -> str:
+  """The name of the ReLU site of the unit whose BN is ``bn_name``: its last ``bn`` becomes ``relu``.
+
+  ``bn_init`` -> ``relu_init``, ``bn1`` -> ``relu1``, ``bn_dense1`` ->
+  ``relu_dense1``, ``stage2_block0_bn1`` -> ``stage2_block0_relu1``,
+  ``block3_pw_bn`` -> ``block3_pw_relu``. The name holds whatever the order
+  (in ``conv_relu_bn`` the ReLU precedes that BN).
+  """
+  head, found, tail = bn_name.rpartition("bn")
+  if not found:
+    raise ValueError(f"a BN layer's name must contain 'bn', got {bn_name!r}")
+  return f"{head}relu{tail}"
+
+
 def conv_unit(
     m: nn.Module,
     x: Array,
@@ -132,25 +154,27 @@ def conv_unit(
   ``before_add`` (the ReLU then follows the residual add, :func:`after_add`).
   ``conv_relu_bn``: ``bn(relu(conv(x)))`` either way.
   """
+  site = relu_site(bn_name)
   y = conv(m, conv_name, role, features, kernel, strides=strides, groups=groups)(x)
   if m.order == "conv_relu_bn":
-    return norm(m, bn_name, train)(nn.relu(y))
+    return norm(m, bn_name, train)(dead_neurons.relu(m, y, site))
   y = norm(m, bn_name, train)(y)
-  return y if before_add else nn.relu(y)
+  return y if before_add else dead_neurons.relu(m, y, site)
 
 
 def dense_unit(m: nn.Module, x: Array, dense_name: str, bn_name: str, role: str, features: int,
                train: bool) -> Array:
   """A bias-free dense, BN and ReLU in ``m.order`` (the MLP / LeNet hidden layers)."""
+  site = relu_site(bn_name)
   y = dense(m, dense_name, role, features, use_bias=False)(x)
   if m.order == "conv_relu_bn":
-    return norm(m, bn_name, train)(nn.relu(y))
-  return nn.relu(norm(m, bn_name, train)(y))
+    return norm(m, bn_name, train)(dead_neurons.relu(m, y, site))
+  return dead_neurons.relu(m, norm(m, bn_name, train)(y), site)
 
 
-def after_add(m: nn.Module, y: Array) -> Array:
-  """What follows a residual add: ReLU in ``conv_bn_relu``, nothing in ``conv_relu_bn``."""
-  return nn.relu(y) if m.order == "conv_bn_relu" else y
+def after_add(m: nn.Module, y: Array, site: str) -> Array:
+  """What follows a residual add: ReLU (recorded as ``site``) in ``conv_bn_relu``, nothing in ``conv_relu_bn``."""
+  return dead_neurons.relu(m, y, site) if m.order == "conv_bn_relu" else y
 
 
 def shortcut_a(x: Array, features: int, strides: int) -> Array:

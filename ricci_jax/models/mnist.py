@@ -8,10 +8,13 @@
 
 Every conv / hidden dense is bias-free and followed by its BN (``bn_init``,
 ``bn1``, ``bn_dense1``, ``bn_dense2``) and a ReLU (``order`` as elsewhere).
+The 4 ReLU sites (:mod:`ricci_jax.dead_neurons`): ``relu_init``, ``relu1``,
+``relu_dense1``, ``relu_dense2``.
 Parameters (``num_classes=10``): 61,932.
 
 **MLP**: flatten, then hidden dense layers ``dense_init``, ``dense1``, ... (bias-
-free, each with BN ``bn_init``, ``bn1``, ... and ReLU), then ``head``. Default
+free, each with BN ``bn_init``, ``bn1``, ... and ReLU ``relu_init``, ``relu1``,
+...), then ``head``. Default
 784-256-256-10: 269,834 parameters.
 
 **Quantization**: ``conv_init`` / ``dense_init`` is ``first`` (it reads the
@@ -27,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ricci_jax import dead_neurons
 from ricci_jax.models import common
 from ricci_jax.models.rules import QuantRule
 
@@ -58,9 +62,9 @@ class LeNet5(nn.Module):
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
     y = common.conv(self, "conv1", "inner", 16, 5, padding=0)(x)
     if self.order == "conv_relu_bn":
-      x = common.norm(self, "bn1", train)(nn.relu(y))
+      x = common.norm(self, "bn1", train)(dead_neurons.relu(self, y, "relu1"))
     else:
-      x = nn.relu(common.norm(self, "bn1", train)(y))
+      x = dead_neurons.relu(self, common.norm(self, "bn1", train)(y), "relu1")
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
     x = common.dense_unit(self, x, "dense1", "bn_dense1", "inner", 120, train)

@@ -12,6 +12,8 @@
 Convs are bias-free with padding 1 (3x3) or 0 (1x1). A width multiplier
 ``alpha`` scales every channel count to ``int(c * alpha)`` (Keras's rule).
 With ``order="conv_relu_bn"`` each unit is ``bn(relu(conv(x)))`` instead.
+ReLU sites (:mod:`ricci_jax.dead_neurons`): ``relu_init``, ``block{i}_dw_relu``
+and ``block{i}_pw_relu``.
 
 **Quantization**: ``conv_init`` is ``first``, ``head`` is ``last``; every
 depthwise and pointwise conv is ``inner`` (use an override such as

@@ -34,6 +34,14 @@ The ``conv_relu_bn`` form is exactly the ReSTE code's Bi-Real ResNet-20
 (``resnet20_bireal_1w1a``). Bi-Real adds no parameters: its parameter tree is
 the plain ResNet's.
 
+**ReLU sites** (recorded for :mod:`ricci_jax.dead_neurons`): ``relu_init``
+(the stem), then per block ``{block}_relu1`` (after ``bn1``) and
+``{block}_relu_add`` (after the residual addition) in ``conv_bn_relu``;
+``{block}_relu1`` and ``{block}_relu2`` (before ``bn1`` / ``bn2``) in
+``conv_relu_bn``; Bi-Real ``conv_bn_relu`` has ``{block}_relu1_add`` (after
+the first addition) and ``{block}_relu_add``. ResNet-20: 19 sites in every
+case (1 + 2 x 9).
+
 **Quantization** (:class:`~ricci_jax.models.QuantRule`): ``conv_init`` is the
 ``first`` layer, ``head`` the ``last``, every block conv ``inner``. A quantized
 conv quantizes its own input, so with ``layers="inner"`` the image is never
@@ -122,11 +130,11 @@ class CifarResNet(nn.Module):
     y = common.conv_unit(self, x, f"{name}_conv1", f"{name}_bn1", "inner", features, 3, train,
                          strides=strides, before_add=self.bireal)
     if self.bireal:
-      y = common.after_add(self, y + sc)
+      y = common.after_add(self, y + sc, f"{name}_relu1_add")
       sc = y
     y = common.conv_unit(self, y, f"{name}_conv2", f"{name}_bn2", "inner", features, 3, train,
                          before_add=True)
-    return common.after_add(self, y + sc)
+    return common.after_add(self, y + sc, f"{name}_relu_add")
 
 
 def _blocks_per_stage(depth: int) -> int:

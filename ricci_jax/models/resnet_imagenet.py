@@ -28,6 +28,11 @@ out = bn2(relu(conv2(y))) + y``).
 with conv1: w channels, conv2: w, stride s, conv3: 4w. Bi-Real is not
 defined for bottlenecks (their convs change the width) and raises.
 
+**ReLU sites** (:mod:`ricci_jax.dead_neurons`): ``relu_init``, then per block
+``{block}_relu1`` (, ``_relu2`` in a bottleneck) and ``{block}_relu_add``
+(after the addition) in ``conv_bn_relu``; every ``{block}_relu{i}`` before
+its BN in ``conv_relu_bn``; Bi-Real as in :mod:`ricci_jax.models.resnet_cifar`.
+
 **Quantization**: ``conv_init`` is ``first``, ``head`` is ``last``, the
 projection convs are ``downsample`` (float under ``layers="inner"``, as in the
 ReSTE and Bi-Real code; quantized under ``"all"``; or set
@@ -121,11 +126,11 @@ class ResNet(nn.Module):
     y = common.conv_unit(self, x, f"{name}_conv1", f"{name}_bn1", "inner", features, 3, train,
                          strides=strides, before_add=self.bireal)
     if self.bireal:
-      y = common.after_add(self, y + sc)
+      y = common.after_add(self, y + sc, f"{name}_relu1_add")
       sc = y
     y = common.conv_unit(self, y, f"{name}_conv2", f"{name}_bn2", "inner", features, 3, train,
                          before_add=True)
-    return common.after_add(self, y + sc)
+    return common.after_add(self, y + sc, f"{name}_relu_add")
 
   def _bottleneck(self, x, name: str, width: int, strides: int, train: bool):
     sc = self._shortcut(x, name, 4 * width, strides, train)
@@ -134,4 +139,4 @@ class ResNet(nn.Module):
                          strides=strides)
     y = common.conv_unit(self, y, f"{name}_conv3", f"{name}_bn3", "inner", 4 * width, 1, train,
                          before_add=True)
-    return common.after_add(self, y + sc)
+    return common.after_add(self, y + sc, f"{name}_relu_add")

@@ -9,6 +9,8 @@ flattened 4x4x512 features go to ``head``, a dense with bias::
 BN layers are ``bn_init``, ``bn1`` ... ``bn5``. With ``order="conv_relu_bn"``
 each unit is ``bn(relu(conv(x)))`` before the pool, exactly the ReSTE code's
 ``vgg_small_1w1a``; the default is ``relu(bn(conv(x)))``.
+ReLU sites (:mod:`ricci_jax.dead_neurons`): ``relu_init``, ``relu1`` ...
+``relu5``.
 
 **Quantization**: ``conv_init`` is ``first``, ``head`` is ``last``, conv1-5 are
 ``inner``.

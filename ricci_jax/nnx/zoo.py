@@ -16,6 +16,13 @@ call) order ``conv_init`` is first and ``head`` last, as in the Linen model.
 Train / eval mode is NNX's: ``model.train()`` uses batch statistics (and
 updates the running ones), ``model.eval()`` the running ones; the Linen
 model's ``train=`` flag.
+
+Every ReLU goes through :func:`ricci_jax.dead_neurons.relu` under the Linen
+model's site name (``relu_init``, ``relu1``, ``relu_dense1``, ...,
+``stage1_block0_relu1``, ``stage1_block0_relu_add``), so
+:func:`ricci_jax.dead_neurons.nnx_relu_activity` gives the same counts as the
+Linen model's :func:`ricci_jax.dead_neurons.relu_activity`; outside it they
+record nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ricci_jax.models.common import CONV_INIT, check_order, shortcut_a
+from ricci_jax import dead_neurons
+from ricci_jax.models.common import CONV_INIT, check_order, relu_site, shortcut_a
 
 
 def _conv(in_features: int, features: int, kernel: int, padding: int, dtype: Any, rngs: nnx.Rngs,
@@ -69,16 +77,18 @@ class LeNet5(nnx.Module):
     self.head = nnx.Linear(84, num_classes, use_bias=True, dtype=dtype, rngs=rngs)
 
   def _unit(self, layer, bn, x):
-    y = layer(x)
-    return bn(nnx.relu(y)) if self.order == "conv_relu_bn" else nnx.relu(bn(y))
+    y, site = getattr(self, layer)(x), relu_site(bn)
+    if self.order == "conv_relu_bn":
+      return getattr(self, bn)(dead_neurons.relu(self, y, site))
+    return dead_neurons.relu(self, getattr(self, bn)(y), site)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Logits (batch, num_classes) for NHWC images (batch, 28, 28, 1)."""
-    x = nnx.max_pool(self._unit(self.conv_init, self.bn_init, x), (2, 2), strides=(2, 2))
-    x = nnx.max_pool(self._unit(self.conv1, self.bn1, x), (2, 2), strides=(2, 2))
+    x = nnx.max_pool(self._unit("conv_init", "bn_init", x), (2, 2), strides=(2, 2))
+    x = nnx.max_pool(self._unit("conv1", "bn1", x), (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
-    x = self._unit(self.dense1, self.bn_dense1, x)
-    x = self._unit(self.dense2, self.bn_dense2, x)
+    x = self._unit("dense1", "bn_dense1", x)
+    x = self._unit("dense2", "bn_dense2", x)
     return self.head(x)
 
 
@@ -127,11 +137,11 @@ class CifarResNet(nnx.Module):
     self.head = nnx.Linear(features_in, num_classes, dtype=dtype, rngs=rngs)
 
   def _unit(self, name, x, before_add=False):
-    y = getattr(self, name.replace("bn", "conv"))(x)
+    y, site = getattr(self, name.replace("bn", "conv"))(x), relu_site(name)
     if self.order == "conv_relu_bn":
-      return getattr(self, name)(nnx.relu(y))
+      return getattr(self, name)(dead_neurons.relu(self, y, site))
     y = getattr(self, name)(y)
-    return y if before_add else nnx.relu(y)
+    return y if before_add else dead_neurons.relu(self, y, site)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Logits (batch, num_classes) for NHWC images (batch, 32, 32, 3)."""
@@ -140,7 +150,7 @@ class CifarResNet(nnx.Module):
       sc = shortcut_a(x, features, strides) if strides != 1 or x.shape[-1] != features else x
       y = self._unit(f"{name}_bn1", x)
       y = self._unit(f"{name}_bn2", y, before_add=True) + sc
-      x = nnx.relu(y) if self.order == "conv_bn_relu" else y
+      x = dead_neurons.relu(self, y, f"{name}_relu_add") if self.order == "conv_bn_relu" else y
     x = jnp.mean(x, axis=(1, 2))
     if self.head_norm:
       x = self.head_bn(x)
