@@ -290,3 +290,47 @@ def plot_dead_neurons(records: Sequence[Mapping], path: str | os.PathLike, title
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def plot_pruning(rows: Sequence[Mapping], path: str | os.PathLike, title: str = ""):
+  """A pruned run's cycles (:mod:`ricci_jax.train.cycles`, ``cycles.jsonl``) against the remaining weights.
+
+  ``rows``: one per cycle, with ``remaining`` (share of prunable weights
+  alive), ``final_test_accuracy``, and when measured ``dnr_train`` /
+  ``dnr_test`` (global dead-neuron rates). Left: test accuracy; right: the
+  dead-neuron rates (drawn only when some row has them). The x axis runs from
+  dense (100%) to sparse, on a log scale as the cycles remove a constant share.
+  """
+  if not rows:
+    return
+  plt = pyplot()
+  has_dnr = any(r.get("dnr_train") is not None or r.get("dnr_test") is not None for r in rows)
+  fig, axes = plt.subplots(1, 2 if has_dnr else 1, figsize=(10 if has_dnr else 5, 4), squeeze=False)
+  x = [100 * r["remaining"] for r in rows]
+  ax = axes[0][0]
+  ax.plot(x, [100 * (r["final_test_accuracy"] or float("nan")) for r in rows], "o-")
+  for xi, r in zip(x, rows):
+    if r.get("final_test_accuracy") is not None:
+      ax.annotate(str(r["cycle"]), (xi, 100 * r["final_test_accuracy"]), fontsize=7, xytext=(2, 2),
+                  textcoords="offset points")
+  ax.set_ylabel("test accuracy % (labels: cycle)")
+  if has_dnr:
+    ax = axes[0][1]
+    for key, label in (("dnr_train", "dynamic DNR (training batches)"), ("dnr_test", "DNR on the test set")):
+      ax.plot(x, [r.get(key, float("nan")) for r in rows], "o-", label=label)
+    ax.set_ylabel("dead-neuron rate (share of ReLU outputs = 0)")
+    ax.legend(fontsize=8)
+  from matplotlib import ticker  # noqa: PLC0415
+
+  for ax in axes[0]:
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(ticker.FixedLocator(x[::max(1, len(x) // 8)]))
+    ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.invert_xaxis()
+    ax.set_xlabel("remaining prunable weights %")
+    ax.grid(alpha=0.3, which="both")
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -5,10 +5,12 @@
 * :mod:`~ricci_jax.train.steps`: :class:`TrainState`, :class:`Program`, the jitted train and eval steps;
 * :mod:`~ricci_jax.train.placement`: data parallelism with ``jax.jit`` and shardings, one host or many;
 * :mod:`~ricci_jax.train.checkpoints`: Orbax save, restore and load;
-* :mod:`~ricci_jax.train.loop`: :func:`train` (one seed) and :func:`train_seeds`.
+* :mod:`~ricci_jax.train.loop`: :func:`train` (one seed);
+* :mod:`~ricci_jax.train.cycles`: :func:`train_pruned` (a dense run, then pruning cycles);
+* :mod:`~ricci_jax.train.seeds`: :func:`train_seeds` (every seed, pruned or not, and the statistic across them).
 """
 
-from ricci_jax.train import builders, checkpoints, loop, placement, schema, steps
+from ricci_jax.train import builders, checkpoints, cycles, loop, placement, schema, seeds, steps
 from ricci_jax.train.builders import (
     FLOAT_BITS,
     build_model,
@@ -18,13 +20,15 @@ from ricci_jax.train.builders import (
     learning_rate_schedule,
 )
 from ricci_jax.train.checkpoints import load_checkpoint
-from ricci_jax.train.loop import NonFiniteLossError, describe_devices, train, train_seeds
+from ricci_jax.train.cycles import train_pruned
+from ricci_jax.train.loop import NonFiniteLossError, Start, describe_devices, train
+from ricci_jax.train.seeds import train_seeds
 from ricci_jax.train.placement import DataParallel
 from ricci_jax.train.steps import Program, TrainState, build_program, eval_step, train_step
 
 __all__ = [
-    "FLOAT_BITS", "DataParallel", "NonFiniteLossError", "Program", "TrainState", "build_model",
-    "build_optimizer", "build_program", "build_quant_rule", "builders", "checkpoints", "describe_devices",
-    "estimator_schedules", "eval_step", "learning_rate_schedule", "load_checkpoint", "loop", "placement",
-    "schema", "steps", "train", "train_seeds", "train_step",
+    "FLOAT_BITS", "DataParallel", "NonFiniteLossError", "Program", "Start", "TrainState", "build_model",
+    "build_optimizer", "build_program", "build_quant_rule", "builders", "checkpoints", "cycles",
+    "describe_devices", "estimator_schedules", "eval_step", "learning_rate_schedule", "load_checkpoint", "loop",
+    "placement", "schema", "seeds", "steps", "train", "train_pruned", "train_seeds", "train_step",
 ]

@@ -24,6 +24,7 @@ runs every seed and reports the paper's statistic across them. A run:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -39,7 +40,7 @@ import numpy as np
 from ricci_jax import data as data_lib
 from flax import nnx
 
-from ricci_jax import layers, models, reporting, transform
+from ricci_jax import dead_neurons, layers, models, reporting, transform
 from ricci_jax.nnx.functional import Functional
 from ricci_jax.summary import summary as summarize_model
 from ricci_jax.train import builders, checkpoints, schema, steps
@@ -50,7 +51,28 @@ class NonFiniteLossError(RuntimeError):
   """Raised when too many consecutive steps had a non-finite loss or gradient."""
 
 
-def _datasets(config: ml_collections.ConfigDict):
+REWIND_POINT = "rewind_point.npz"
+"""The file a dense run of a late-rewinding pruning schedule keeps its rewind point in."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+  """Where a run starts instead of the model's initialisation: a pruning cycle's rewound weights.
+
+  Attributes:
+    params, batch_stats: the starting variables (host arrays).
+    masks: pruning masks like the params (True = alive), kept in every step.
+    step: the first step (a late-rewound cycle starts at the rewind point's step).
+  """
+
+  params: Any
+  batch_stats: Any
+  masks: Any = None
+  step: int = 0
+  sparsity: float | None = None  # the share of prunable weights pruned (for the dead-neuron records)
+
+
+def datasets(config: ml_collections.ConfigDict):
   d = config.dataset
   common = dict(source=d.source, data_dir=d.data_dir or None)
   holdout = d.holdout_validation or d.eval_split == "validation"
@@ -61,7 +83,7 @@ def _datasets(config: ml_collections.ConfigDict):
   return train, test
 
 
-def _init_variables(config, model, train_ds) -> tuple[dict, dict, Any]:
+def init_variables(config, model, train_ds) -> tuple[dict, dict, Any]:
   """The model's variables, its quantized kernels and their mask over the params."""
   x = jnp.zeros((1,) + tuple(train_ds.image_shape), jnp.float32)
   # one compiled program: eager init dispatches every initializer op by op (ResNet-18: 40 s on a CPU)
@@ -74,7 +96,7 @@ def _init_variables(config, model, train_ds) -> tuple[dict, dict, Any]:
   return variables, kernels, mask
 
 
-def _load_init(config: ml_collections.ConfigDict, variables: dict) -> dict:
+def load_init(config: ml_collections.ConfigDict, variables: dict) -> dict:
   """``variables`` with params and batch statistics from the run ``config.init_from`` (e.g. a float run).
 
   Float and quantized models have the same parameter tree, so a float run
@@ -102,8 +124,12 @@ def _load_init(config: ml_collections.ConfigDict, variables: dict) -> dict:
   return out
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, start: Start | None = None) -> dict:
   """Trains one seed of ``config`` in ``workdir`` (resuming if a checkpoint is there).
+
+  ``start``: the variables, pruning masks and first step to start from (a
+  pruning cycle, :func:`ricci_jax.train.cycles.train_pruned`); default: the
+  model's initialisation (or ``config.init_from``).
 
   Returns:
     A dict with the final and the last-epochs test accuracy, and run facts.
@@ -111,13 +137,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   started = time.perf_counter()
   workdir = pathlib.Path(workdir)
   schema.validate(config, workdir)
-  train_ds, test_ds = _datasets(config)
+  train_ds, test_ds = datasets(config)
   steps_per_epoch = train_ds.steps_per_epoch
   total_steps = config.epochs * steps_per_epoch
   model = builders.build_model(config, train_ds.num_classes)
-  variables, kernels, mask = _init_variables(config, model, train_ds)
+  variables, kernels, mask = init_variables(config, model, train_ds)
   if config.init_from:
-    variables = _load_init(config, variables)
+    variables = load_init(config, variables)
+  if start is not None:
+    variables = {**variables, "params": start.params, "batch_stats": start.batch_stats}
   if isinstance(model, Functional):
     module = model.module(variables)
     model_summary = summarize_model(module, nnx.state(module), input_shape=tuple(train_ds.image_shape))
@@ -125,7 +153,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     model_summary = summarize_model(model, variables, input_shape=tuple(train_ds.image_shape))
   placement = DataParallel()
   use_rf = config.optimizer.name == "rf_sgd"
-  program, state = steps.build_program(config, model, variables, mask, steps_per_epoch)
+  program, state = steps.build_program(config, model, variables, mask, steps_per_epoch,
+                                       masks=None if start is None else start.masks,
+                                       step=0 if start is None else start.step)
 
   primary = jax.process_index() == 0  # of several processes, the first writes every file but the checkpoints
   if primary:
@@ -139,9 +169,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   metrics_log = reporting.JsonlWriter(workdir / "metrics.jsonl", enabled=primary)
   eval_log = reporting.JsonlWriter(workdir / "eval.jsonl", enabled=primary)
   diag_log = reporting.JsonlWriter(workdir / "diagnostics.jsonl", enabled=primary)
+  dnr_log = reporting.JsonlWriter(workdir / "dnr.jsonl", enabled=primary)
   evals: list[dict] = []  # every process keeps them: the checkpoints carry them, no process reads another's file
   mgr = checkpoints.manager(workdir, config.keep_checkpoints)
-  start_step, data_state = 0, None
+  start_step, data_state = int(state.step), None
   if config.resume and mgr.latest_step() is not None:
     state, saved_meta, data_state = checkpoints.restore(mgr, jax.device_get(state))
     start_step = int(state.step)
@@ -149,13 +180,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     if saved_evals is None:  # a checkpoint written before the evaluations travelled with it
       saved_evals = reporting.read_jsonl(workdir / "eval.jsonl")
     evals = [r for r in saved_evals if r["step"] <= start_step]
-    for log in (metrics_log, eval_log, diag_log):
+    for log in (metrics_log, eval_log, diag_log, dnr_log):
       log.truncate_after(start_step)
   else:  # a fresh run: no stale metrics, and the initial state is checkpoint 0
-    for log in (metrics_log, eval_log, diag_log):
+    for log in (metrics_log, eval_log, diag_log, dnr_log):
       log.remove()
 
   train_fn, eval_fn = placement.train_fn(program), placement.eval_fn(program)
+  dnr_every = config.dnr.every_steps
+  sparsity = None if start is None else start.sparsity
+  relu_fn = {mode: jax.jit(functools.partial(steps.relu_counts, program, train=mode == "train"))
+             for mode in ("train", "eval")}
   dstate = placement.state(state)
   meta = {"steps_per_epoch": steps_per_epoch, "name": config.name, "evals": evals}  # evals grows in place
   # the batches of every epoch, positioned where the checkpoint's model stands (a checkpoint without a
@@ -165,8 +200,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   def save(host_state):  # the model and the input pipeline's position, of the same step
     checkpoints.save(mgr, host_state, meta, batches.get_state())
 
-  if start_step == 0:
+  if mgr.latest_step() is None:
     save(jax.device_get(state))
+  rewind_at = _rewind_point_step(config, start, workdir if primary else None)
+  if rewind_at == start_step:
+    _save_rewind_point(placement.unstate(dstate), workdir)
   n_quant = sum(int(np.size(p)) for p, m in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(mask)) if m)
   n_params = sum(int(np.size(p)) for p in jax.tree.leaves(variables["params"]))
 
@@ -179,8 +217,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     for epoch in range(start_step // steps_per_epoch, config.epochs):
       first = step - epoch * steps_per_epoch
       for batch in itertools.islice(batches, steps_per_epoch - first):
-        dstate, metrics = train_fn(dstate, placement.batch(batch))
+        batch = placement.batch(batch)
+        if dnr_every and (step + 1) % dnr_every == 0:  # on the batch and weights of the coming step
+          counts = jax.device_get(relu_fn["train"](dstate, batch))
+          dnr_log.write({**dead_neurons.dnr_record(dead_neurons.summarize(counts), step + 1, sparsity=sparsity),
+                         "epoch": epoch})
+        dstate, metrics = train_fn(dstate, batch)
         step += 1
+        if rewind_at == step:
+          _save_rewind_point(placement.unstate(dstate), workdir)
         pending.append(metrics)
         interval_images += config.batch_size
         progress.update(1)
@@ -217,6 +262,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 
   host_state = placement.unstate(dstate)
   save(host_state)
+  dnr_results = {}
+  if stopped_reason is None and primary and dnr_every:
+    dnr_results["dnr_train"] = last_epoch_dnr(reporting.read_jsonl(workdir / "dnr.jsonl"))
+  if stopped_reason is None and config.dnr.test:
+    counts = None
+    for batch in test_ds.epoch(0):
+      c = jax.device_get(relu_fn["eval"](dstate, placement.batch(batch)))
+      counts = c if counts is None else dead_neurons.add_counts(counts, c)
+    dnr_results["dnr_test"] = dead_neurons.summarize(counts)
+    dnr_log.write(dead_neurons.dnr_record(dnr_results["dnr_test"], step, sparsity=sparsity, mode="eval"))
   if stopped_reason == "nonfinite":
     raise NonFiniteLossError(
         f"stopped at step {step}: {config.max_consecutive_nonfinite} consecutive steps had a non-finite "
@@ -235,6 +290,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       "seconds": time.perf_counter() - started,  # this invocation (compilation and evaluation included)
       "device": describe_devices(),
       "source": reporting.source_version(),
+      **dnr_results,
   }
   if primary:
     (workdir / "results.json").write_text(json.dumps(reporting.to_jsonable(summary), indent=2))
@@ -244,6 +300,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     if use_rf:
       reporting.plot_diagnostics(reporting.read_jsonl(workdir / "diagnostics.jsonl"),
                                  workdir / "diagnostics.png", title)
+    if dnr_results:
+      reporting.plot_dead_neurons(reporting.read_jsonl(workdir / "dnr.jsonl"), workdir / "dnr.png", title)
   return summary
 
 
@@ -285,7 +343,54 @@ def describe_devices() -> str:
   return f"{jax.device_count()} x {dev.device_kind} ({dev.platform}), jax {jax.__version__}"
 
 
-def _finished(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict | None:
+def last_epoch_dnr(records: list[dict]) -> dict:
+  """The dynamic dead-neuron rate of a run: the mean over its last epoch's measured training batches.
+
+  Per batch, ``dnr`` is the share of (unit, example) pairs at 0 and
+  ``dead_units`` the share of units at 0 on every example of the batch
+  (:func:`ricci_jax.dead_neurons.summarize`); both are averaged over the
+  batches, globally and per site. Read from ``dnr.jsonl``, so a resumed run
+  reports what an uninterrupted one would.
+  """
+  train = [r for r in records if r.get("mode", "train") == "train"]
+  if not train:
+    return {}
+  last = [r for r in train if r["epoch"] == train[-1]["epoch"]]
+  mean = lambda key, site="global": float(np.mean([r[key][site] for r in last]))  # noqa: E731
+  sites = [k for k in last[0]["dnr"] if k != "global"]
+  return {"batches": len(last), "epoch": last[0]["epoch"] + 1,
+          "global": {"dnr": mean("dnr"), "dead_units": mean("dead_units")},
+          "sites": {site: {"dnr": mean("dnr", site), "dead_units": mean("dead_units", site)} for site in sites}}
+
+
+def _rewind_point_step(config, start: Start | None, workdir: pathlib.Path | None) -> int | None:
+  """The step whose weights a late-rewinding pruning schedule rewinds to, if this (dense) run must keep them."""
+  p = config.pruning
+  if start is not None or workdir is None or p.rewind != "early" or (p.cycles == 0 and p.target_sparsity is None):
+    return None
+  return None if (workdir / REWIND_POINT).is_file() else int(p.rewind_step)
+
+
+def _save_rewind_point(host_state, workdir: pathlib.Path) -> None:
+  arrays = {f"params{jax.tree_util.keystr(k)}": np.asarray(v)
+            for k, v in jax.tree_util.tree_leaves_with_path(host_state.params)}
+  arrays.update({f"batch_stats{jax.tree_util.keystr(k)}": np.asarray(v)
+                 for k, v in jax.tree_util.tree_leaves_with_path(host_state.batch_stats)})
+  tmp = workdir / (REWIND_POINT + ".tmp.npz")
+  np.savez(tmp, step=np.asarray(int(host_state.step)), **arrays)
+  tmp.replace(workdir / REWIND_POINT)  # whole or absent, whenever the run is killed
+
+
+def load_rewind_point(workdir: str | pathlib.Path, like: dict) -> tuple[dict, int]:
+  """The rewind point a dense run saved (``like``: ``{"params", "batch_stats"}`` for the structure) and its step."""
+  with np.load(pathlib.Path(workdir) / REWIND_POINT) as saved:
+    out = {name: jax.tree_util.tree_map_with_path(
+        lambda k, v, name=name: np.asarray(saved[f"{name}{jax.tree_util.keystr(k)}"], np.asarray(v).dtype), tree)
+        for name, tree in like.items()}
+    return out, int(saved["step"])
+
+
+def finished(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict | None:
   """The results of a run already finished in ``workdir`` with this very config, else None.
 
   With ``config.resume`` a finished seed is not trained again, even when its
@@ -298,20 +403,3 @@ def _finished(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict 
     return None
   summary = json.loads(results.read_text())
   return None if summary.get("interrupted") else summary
-
-
-def train_seeds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  """Runs every seed (``config.seeds``, or ``config.seed``) and summarises across them."""
-  workdir = pathlib.Path(workdir)
-  seeds = list(config.seeds) or [config.seed]
-  per_seed = []
-  for seed in seeds:
-    cfg = ml_collections.ConfigDict(config.to_dict())
-    cfg.seed = int(seed)
-    run_dir = workdir / f"seed_{seed}" if len(seeds) > 1 else workdir
-    per_seed.append(_finished(cfg, run_dir) or train(cfg, run_dir))
-  stats = reporting.across_seeds([r["last_epochs"] for r in per_seed])
-  summary = {"name": config.name, "seeds": seeds, "runs": per_seed, "across_seeds": stats}
-  if jax.process_index() == 0:
-    (workdir / "summary.json").write_text(json.dumps(reporting.to_jsonable(summary), indent=2))
-  return summary

@@ -100,6 +100,28 @@ def default_config() -> ml_collections.ConfigDict:
   c.rfdnn.reading = "lag"  # lag | current | two_step
   c.rfdnn.normalize = False
 
+  c.pruning = ml_collections.ConfigDict()  # iterative pruning, optionally with AP (docs/pruning.md)
+  c.pruning.cycles = 0  # pruning cycles after the dense training; 0 (and no target_sparsity): no pruning
+  c.pruning.target_sparsity = None  # instead of cycles: the fewest cycles reaching this sparsity, in [0, 1)
+  c.pruning.rate = 0.2  # share of the alive prunable weights removed per cycle (host and AP together)
+  c.pruning.method = "magnitude"  # magnitude | lamp | random
+  c.pruning.scope = "global"  # global | layer
+  c.pruning.ap_share = 0.0  # AP's part of the rate (the official code: 0.02 of 0.2)
+  c.pruning.ap_start_cycle = 1
+  c.pruning.ap_candidates = "negative"  # negative | any
+  c.pruning.ap_score = "change"  # change (|w_end - w_start|) | magnitude | random
+  c.pruning.ap_scope = "global"  # global | layer
+  c.pruning.rewind = "init"  # init (lottery ticket) | early (to rewind_step) | none (learning-rate rewinding) | reinit
+  c.pruning.rewind_step = 0  # rewind="early": the dense run's step to rewind to
+  c.pruning.layers = "inner"  # prunable kernels: inner (not the first and last layer) | all
+  c.pruning.exclude = ()  # regexes of layer paths kept dense, e.g. ("conv1",)
+  c.pruning.extra = ()  # regexes of further prunable leaves, e.g. (".*/scale",) for BN scales (the official code)
+  c.pruning.nm = ""  # a final N:M pattern after the last cycle, e.g. "2:4"
+
+  c.dnr = ml_collections.ConfigDict()  # dead-neuron rates of the ReLUs (ricci_jax.dead_neurons)
+  c.dnr.every_steps = 0  # dynamic DNR on the training batch every this many steps (0: off)
+  c.dnr.test = False  # DNR on the evaluation set (eval mode) after training
+
   c.batch_size = 128  # global, whatever the device count
   c.epochs = 10
   c.seed = 0
@@ -313,6 +335,11 @@ def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | Non
     raise ValueError(f"optimizer.boundaries are fractions of training in (0, 1), got {config.optimizer.boundaries}")
   if config.init_from:
     resolve_init_dir(config.init_from, config.seed)
+  pruning_schedule(config)
+  prune_rule(config)
+  if isinstance(config.dnr.every_steps, bool) or not isinstance(config.dnr.every_steps, int) \
+      or config.dnr.every_steps < 0:
+    raise ValueError(f"dnr.every_steps must be a non-negative integer (0: off), got {config.dnr.every_steps!r}")
   if config.optimizer.name == "rf_sgd" and config.quant.layers == "none":
     raise ValueError("optimizer rf_sgd needs quantized layers (quant.layers is 'none')")
 
@@ -334,3 +361,46 @@ def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | Non
       probe.unlink()
     except OSError as e:
       raise ValueError(f"the output directory {str(path)!r} cannot be written: {e}") from None
+
+
+def pruning_schedule(config: ml_collections.ConfigDict):
+  """``config.pruning`` as a :class:`ricci_jax.pruning.PruningSchedule`; ``None`` when the run does not prune.
+
+  Raises:
+    ValueError: a bad field (a sparsity outside [0, 1), an AP share larger
+      than the rate, a rewind step without ``rewind="early"``, a bad N:M
+      pattern, ...), with the library's message prefixed by ``pruning:``.
+  """
+  from ricci_jax import pruning  # noqa: PLC0415
+
+  p = config.pruning
+  if p.cycles == 0 and p.target_sparsity is None:
+    return None
+  nm = None
+  if p.nm:
+    try:
+      nm = pruning.nm.parse_sparsity(p.nm)
+    except ValueError as e:
+      raise ValueError(f"pruning.nm: {e}") from None
+  fields = dict(rate=p.rate, method=p.method, scope=p.scope, ap_share=p.ap_share, ap_start_cycle=p.ap_start_cycle,
+                ap_candidates=p.ap_candidates, ap_score=p.ap_score, ap_scope=p.ap_scope, rewind=p.rewind,
+                rewind_step=p.rewind_step, nm=nm)
+  try:
+    if p.target_sparsity is not None:
+      if p.cycles:
+        raise ValueError(f"give cycles ({p.cycles}) or target_sparsity ({p.target_sparsity}), not both")
+      return pruning.PruningSchedule.to_reach(p.target_sparsity, **fields)
+    return pruning.PruningSchedule(cycles=p.cycles, **fields)
+  except ValueError as e:
+    raise ValueError(f"pruning: {e}") from None
+
+
+def prune_rule(config: ml_collections.ConfigDict):
+  """``config.pruning``'s :class:`ricci_jax.pruning.PruneRule` (which leaves may be pruned)."""
+  from ricci_jax import pruning  # noqa: PLC0415
+
+  try:
+    return pruning.PruneRule(layers=config.pruning.layers, extra=tuple(config.pruning.extra),
+                             overrides=tuple((pattern, False) for pattern in config.pruning.exclude))
+  except ValueError as e:
+    raise ValueError(f"pruning: {e}") from None

@@ -20,7 +20,8 @@ import ml_collections
 import optax
 
 from ricci_jax import data as data_lib
-from ricci_jax import layers, transform
+from ricci_jax import dead_neurons, layers, pruning, transform
+from ricci_jax.nnx.functional import Functional
 from ricci_jax.ricci_flow import Shifts, translated_grads
 from ricci_jax.train import builders
 
@@ -38,6 +39,7 @@ class TrainState:
   quant: Any  # the "quant" collection: estimator hyperparameters at their initial values
   nonfinite_total: Array
   nonfinite_streak: Array
+  masks: Any = None  # pruning: bools like the params, True = alive (None: a dense run)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +89,14 @@ def _all_finite(tree) -> Array:
 
 
 def build_program(config: ml_collections.ConfigDict, model: nn.Module, variables: dict, quantized_mask: Any,
-                  steps_per_epoch: int) -> tuple[Program, TrainState]:
+                  steps_per_epoch: int, *, masks: Any = None, step: int = 0) -> tuple[Program, TrainState]:
   """The configuration's :class:`Program` (optimizer, schedules, augmentation) and its initial :class:`TrainState`.
 
   ``variables`` are the model's (``model.init``); ``quantized_mask`` marks the
   quantized kernels among the params (:func:`ricci_jax.layers.quantized_kernel_mask`).
+  ``masks`` (pruning: bools like the params, True = alive) keep the pruned
+  weights at exactly 0 through every step; ``step`` is the state's first step
+  (a late-rewound pruning cycle starts where the dense run's rewind point was).
   ``jax.jit(functools.partial(train_step, program))`` is then the program's step.
   """
   lr = builders.learning_rate_schedule(config, steps_per_epoch)
@@ -102,11 +107,12 @@ def build_program(config: ml_collections.ConfigDict, model: nn.Module, variables
       rfdnn=config.optimizer.name == "rf_sgd", fraction=config.rfdnn.fraction,
       shifts=Shifts(*map(int, config.rfdnn.shifts)), translation=config.rfdnn.translation,
       quantized=quantized_mask)
+  params = variables["params"] if masks is None else pruning.apply_masks(variables["params"], masks)
   state = TrainState(
-      step=jnp.zeros((), jnp.int32), params=variables["params"],
-      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]),
+      step=jnp.asarray(step, jnp.int32), params=params,
+      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
       quant=variables.get("quant", {}), nonfinite_total=jnp.zeros((), jnp.int32),
-      nonfinite_streak=jnp.zeros((), jnp.int32))
+      nonfinite_streak=jnp.zeros((), jnp.int32), masks=masks)
   return program, state
 
 
@@ -120,15 +126,27 @@ def _flip_rate(old, new, quantized) -> Array:
   return flips.astype(jnp.float32) / max(total, 1)
 
 
+def train_images(program: Program, step: Array, images: Array) -> Array:
+  """The images step ``step`` trains on: the batch augmented from a key of the seed and the step."""
+  return _augment(program, jax.random.fold_in(jax.random.key(program.seed), step), images)
+
+
 def train_step(program: Program, state: TrainState, batch: dict):
-  """One optimisation step; returns the new state and this step's metrics (device arrays)."""
-  key = jax.random.fold_in(jax.random.key(program.seed), state.step)
-  images = _augment(program, key, batch["image"])
+  """One optimisation step; returns the new state and this step's metrics (device arrays).
+
+  With pruning masks the gradients of pruned weights are zeroed before the
+  optimizer (so neither momentum nor the RF-DNN metric sees them) and the
+  new params are masked after it: pruned weights stay exactly 0.
+  """
+  images = train_images(program, state.step, batch["image"])
   labels, mask = batch["label"], batch["mask"]
   quant = _scheduled_quant(program, state.quant, state.step)
   loss_fn = functools.partial(_loss, program)
   (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, state.batch_stats, quant, images, labels, mask)
+  masked = state.masks is not None
+  if masked:
+    grads = pruning.mask_gradients(grads, state.masks)
   extra = {}
   if program.rfdnn:
     def plain_loss(p, b):
@@ -136,8 +154,12 @@ def train_step(program: Program, state: TrainState, batch: dict):
     extra["translated_grads"] = translated_grads(
         plain_loss, state.params, {"image": images, "label": labels, "mask": mask}, program.shifts,
         program.fraction, mode=program.translation)
+    if masked:
+      extra["translated_grads"] = pruning.mask_gradients(extra["translated_grads"], state.masks)
   updates, new_opt = program.tx.update(grads, state.opt_state, state.params, **extra)
   new_params = optax.apply_updates(state.params, updates)
+  if masked:
+    new_params = pruning.apply_masks(new_params, state.masks)
 
   finite = jnp.isfinite(loss) & _all_finite(grads)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
@@ -149,6 +171,7 @@ def train_step(program: Program, state: TrainState, batch: dict):
       quant=state.quant,
       nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
       nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+      masks=state.masks,
   )
   correct = jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
   count = jnp.sum(mask)
@@ -179,3 +202,21 @@ def eval_step(program: Program, state: TrainState, batch: dict):
          "correct_top5": jnp.sum(jnp.any(top5 == batch["label"][:, None], axis=-1) * mask),
          "count": jnp.sum(mask)}
   return out
+
+
+def relu_counts(program: Program, state: TrainState, batch: dict, *, train: bool) -> dead_neurons.DeadNeuronCounts:
+  """How often each ReLU unit is positive on a batch (:mod:`ricci_jax.dead_neurons`), the padding not counted.
+
+  ``train=True``: in train mode (batch statistics) on exactly the images step
+  ``state.step`` trains on (augmented), the dynamic dead-neuron rate's
+  batches; ``train=False``: in eval mode on the preprocessed batch (the
+  post-training rate on the evaluation set). The state is not changed.
+  """
+  if train:
+    images = train_images(program, state.step, batch["image"])
+  else:
+    images = data_lib.preprocess(program.dataset, batch["image"])
+  variables = {"params": state.params, "batch_stats": state.batch_stats, "quant": state.quant}
+  if isinstance(program.model, Functional):
+    return dead_neurons.nnx_relu_activity(program.model.module(variables), images, batch["mask"], train=train)
+  return dead_neurons.relu_activity(program.model, variables, images, train=train, mask=batch["mask"])

@@ -1,0 +1,32 @@
+"""Every seed of a configuration, and the paper's statistic across them."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import ml_collections
+
+from ricci_jax import reporting
+from ricci_jax.train import cycles, loop, schema
+
+
+def train_seeds(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Runs every seed (``config.seeds``, or ``config.seed``) and summarises across them."""
+  workdir = pathlib.Path(workdir)
+  seeds = list(config.seeds) or [config.seed]
+  per_seed = []
+  for seed in seeds:
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.seed = int(seed)
+    run_dir = workdir / f"seed_{seed}" if len(seeds) > 1 else workdir
+    if schema.pruning_schedule(cfg) is not None:
+      per_seed.append(cycles.train_pruned(cfg, run_dir))
+    else:
+      per_seed.append(loop.finished(cfg, run_dir) or loop.train(cfg, run_dir))
+  stats = reporting.across_seeds([r["last_epochs"] for r in per_seed])
+  summary = {"name": config.name, "seeds": seeds, "runs": per_seed, "across_seeds": stats}
+  if jax.process_index() == 0:
+    (workdir / "summary.json").write_text(json.dumps(reporting.to_jsonable(summary), indent=2))
+  return summary
