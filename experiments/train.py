@@ -117,7 +117,14 @@ def main(argv=None) -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  summary = train.train_seeds(config, workdir)
+  try:
+    summary = train.train_seeds(config, workdir)
+  except ValueError as e:  # e.g. a pruning schedule that does not fit the data (checked before any training)
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for run in summary["runs"]:
+    if run.get("cycles"):
+      print(f"seed {run['seed']}:\n{train.cycles.cycle_table(run['cycles'])}")
   stats = summary["across_seeds"]
   print(json.dumps({"name": summary["name"], "across_seeds": stats}, indent=2))
   print(f"test accuracy over the last {config.last_epochs} epochs: "

@@ -6,6 +6,7 @@ named modules (``ricci_jax.quantizers``, ``ricci_jax.estimators``, ...).
 
 from ricci_jax import (
     data,
+    dead_neurons,
     estimators,
     export,
     inference,
@@ -13,6 +14,7 @@ from ricci_jax import (
     lne,
     models,
     nnx,
+    pruning,
     quantizers,
     ricci_flow,
     schedules,
@@ -57,6 +59,7 @@ __all__ = [
     "binarize",
     "binary_scale",
     "data",
+    "dead_neurons",
     "dorefa_weights",
     "estimators",
     "export",
@@ -65,6 +68,7 @@ __all__ = [
     "lne",
     "models",
     "nnx",
+    "pruning",
     "quantized_kernels",
     "quantizers",
     "rf_sgd",

@@ -57,7 +57,9 @@ def restore(mgr: ocp.CheckpointManager, like: Any, step: int | None = None) -> t
 
 
 def _has_item(mgr: ocp.CheckpointManager, step: int, name: str) -> bool:
-  return name in mgr.item_metadata(step)
+  # the item's folder in the step's checkpoint (asking the manager for item metadata without registered
+  # handlers logs a warning per item)
+  return (pathlib.Path(mgr.directory) / str(step) / name).is_dir()
 
 
 def load_checkpoint(workdir: str | pathlib.Path, step: int | None = None) -> dict:

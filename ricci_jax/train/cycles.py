@@ -160,8 +160,8 @@ def cycle_table(rows: list[dict]) -> str:
   head = "| cycle | remaining % | host removed | AP removed | test accuracy % | DNR train | DNR test |"
   lines = [head, "|" + "---|" * 7]
   for r in rows:
-    fmt = lambda v, scale=1.0: "" if v is None else f"{scale * v:.2f}"  # noqa: E731
+    fmt = lambda v, scale=1.0, digits=3: "" if v is None else f"{scale * v:.{digits}f}"  # noqa: E731
     lines.append(f"| {r['cycle']} | {100 * r['remaining']:.1f} | {r['host_removed']} | {r['ap_removed']} | "
-                 f"{fmt(r['final_test_accuracy'], 100)} | {fmt(r.get('dnr_train'))} | {fmt(r.get('dnr_test'))} |")
+                 f"{fmt(r['final_test_accuracy'], 100, 2)} | {fmt(r.get('dnr_train'))} | {fmt(r.get('dnr_test'))} |")
   return "\n".join(lines)
 
