@@ -69,15 +69,15 @@ def _where(results: pathlib.Path) -> str:
     if not runs:
       rows.append([folder, "no data", "", ""])
       continue
-    devices = sorted({r.get("device") or "unrecorded" for r in runs})
-    commits = sorted({(r.get("source") or {}).get("commit") or "" for r in runs})
-    dirty = [r for r in runs if (r.get("source") or {}).get("dirty")]
+    p = reporting.provenance(runs)
+    devices = p["devices"]
+    commits = [c for c in p["commits"] if c != "unrecorded"]
     timed = sum(r.get("seconds") is not None for r in runs)
-    if any(commits):
-      code = ", ".join(c[:10] for c in commits if c)
-      if dirty:
-        changes = sorted({c for r in dirty for c in (r["source"].get("changes") or [])})
-        code += (f" ({len(dirty)} of {len(runs)} runs from a dirty tree"
+    if commits:
+      code = ", ".join(c[:10] for c in commits)
+      if p["dirty"]:
+        changes = p["changes"]
+        code += (f" ({p['dirty']} of {len(runs)} runs from a dirty tree"
                  + (f": {', '.join(f'`{c.strip()}`' for c in changes)}" if changes else ", paths not recorded")
                  + (f"; see `{folder}/PROTOCOL.md`, deviations" if (results / folder / "PROTOCOL.md").is_file()
                     else "") + ")")

@@ -397,18 +397,16 @@ def _mean_over_runs(dicts: list[dict]) -> dict:
 
 def _sources(records: list[dict]) -> tuple[list[str], list[str], str]:
   """Commits, devices, and a sentence on the runs whose tree was dirty (empty when none was)."""
-  commits = sorted({(r["source"] or {}).get("commit") or "unrecorded" for r in records})
-  devices = sorted({r["device"] or "unrecorded" for r in records})
-  dirty = [r for r in records if (r["source"] or {}).get("dirty")]
-  if not dirty:
-    return commits, devices, ""
-  changes = sorted({c for r in dirty for c in (r["source"].get("changes") or [])})
-  unrecorded = sum(1 for r in dirty if "changes" not in r["source"])
-  what = f"uncommitted paths recorded: {', '.join(f'`{c}`' for c in changes)}" if changes else ""
-  if unrecorded:
-    what += ("; " if what else "") + f"{unrecorded} of them predate the record of which paths differed"
-  return commits, devices, (f"{len(dirty)} of {len(records)} runs were made from a DIRTY tree ({what}); "
-                            "see the deviations in PROTOCOL.md")
+  from ricci_jax import reporting  # noqa: PLC0415
+
+  p = reporting.provenance(records)
+  if not p["dirty"]:
+    return p["commits"], p["devices"], ""
+  what = f"uncommitted paths recorded: {', '.join(f'`{c}`' for c in p['changes'])}" if p["changes"] else ""
+  if p["unrecorded_changes"]:
+    what += ("; " if what else "") + f"{p['unrecorded_changes']} of them predate the record of which paths differed"
+  return p["commits"], p["devices"], (f"{p['dirty']} of {p['runs']} runs were made from a DIRTY tree ({what}); "
+                                      "see the deviations in PROTOCOL.md")
 
 
 def render(records: list[dict], plan: Plan, determinism: dict | None, command: str) -> str:

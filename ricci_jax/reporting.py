@@ -99,6 +99,25 @@ def source_version(path: str | os.PathLike | None = None, max_changes: int = 20)
   return {"commit": commit, "dirty": bool(changes), "changes": changes[:max_changes]}
 
 
+def provenance(records: Iterable[Mapping]) -> dict[str, Any]:
+  """Where a set of runs came from, for a report's provenance line.
+
+  ``records``: each with ``source`` (:func:`source_version`'s dict, or
+  ``None``) and ``device``. Returns the sorted ``commits`` and ``devices``
+  (``"unrecorded"`` where a run has none), ``runs``, ``dirty`` (how many were
+  made from a tree with uncommitted changes), ``changes`` (the sorted paths
+  those runs recorded) and ``unrecorded_changes`` (dirty runs from before
+  the paths were recorded).
+  """
+  records = list(records)
+  dirty = [r for r in records if (r.get("source") or {}).get("dirty")]
+  return {"commits": sorted({(r.get("source") or {}).get("commit") or "unrecorded" for r in records}),
+          "devices": sorted({r.get("device") or "unrecorded" for r in records}),
+          "runs": len(records), "dirty": len(dirty),
+          "changes": sorted({c for r in dirty for c in (r["source"].get("changes") or [])}),
+          "unrecorded_changes": sum(1 for r in dirty if "changes" not in r["source"])}
+
+
 def last_epochs_statistic(test_accuracies: Sequence[float], window: int) -> dict[str, Any]:
   """Mean and (population) standard deviation over the last ``window`` values."""
   values = np.asarray(list(test_accuracies)[-window:], float)
