@@ -163,3 +163,38 @@ def test_rf_dnn_diagnostics_are_read_from_an_nnx_optimizer_after_a_jitted_step()
     for field in ("tau", "s", "correction", "residual"):
       np.testing.assert_allclose(getattr(got[name], field), getattr(want[name], field), rtol=1e-6)
   assert float(want["conv1/kernel"].residual) > 0 and optax is not None
+
+
+def test_dead_neuron_counts_of_a_quantized_nnx_model_equal_the_linen_models():
+  """nnx.capture adds a bookkeeping entry to every module, the quantizing ops' hyperparameter dicts included."""
+  import ricci_jax as rj  # noqa: PLC0415
+  from ricci_jax import dead_neurons, models  # noqa: PLC0415
+  from ricci_jax import nnx as rjn  # noqa: PLC0415
+  from ricci_jax.nnx.zoo import LeNet5, load_linen_variables  # noqa: PLC0415
+
+  rule = rj.QuantRule(weight=rj.TensorQuant(bits=1))
+  linen = models.create("lenet5", num_classes=10, quant=rule)
+  x = jax.random.normal(jax.random.key(0), (6, 28, 28, 1))
+  variables = linen.init(jax.random.key(1), x, train=False)
+  model = load_linen_variables(rjn.quantize(LeNet5(rngs=nnx.Rngs(2)), rule), variables)
+  mask = jnp.array([True] * 5 + [False])
+  want = dead_neurons.relu_activity(linen, variables, x, train=True, mask=mask)
+  got = dead_neurons.nnx_relu_activity(model, x, mask, train=True)
+  assert sorted(got.positive) == ["relu1", "relu_dense1", "relu_dense2", "relu_init"]
+  for site in want.positive:
+    np.testing.assert_array_equal(got.positive[site], want.positive[site])
+  assert int(got.examples) == 5
+  rjn.set_hparams(model, clip=2.0)  # still sets the hyperparameters after a capture
+  assert float(model.dense1.dot_general.weight["clip"][...]) == 2.0
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed")
+def test_an_nnx_model_is_pruned_by_the_training_program(tmp_path):
+  config = _config("rfdnn", **{"model.api": "nnx", "pruning.cycles": 1, "pruning.ap_share": 0.02,
+                               "dnr.every_steps": 4, "dnr.test": True, "epochs": 1})
+  summary = train.train_pruned(config, tmp_path)
+  assert [r["alive"] for r in summary["cycles"]] == [60480, 48384]
+  state = train.load_checkpoint(tmp_path / "cycle_01")
+  zeros = sum(int(np.sum(np.asarray(state["params"][k]["kernel"]) == 0)) for k in ("conv1", "dense1", "dense2"))
+  assert zeros == 60480 - 48384
+  assert 0 < summary["cycles"][1]["dnr_test"] < 1

@@ -76,7 +76,8 @@ class QuantOp(nnx.Module):
   def hparams(self, operand: str) -> dict[str, jax.Array]:
     """The current values of one operand's hyperparameters."""
     values = getattr(self, operand)
-    return {} if values is None else {k: v[...] for k, v in values.items()}
+    # only the QuantHparam entries: nnx.capture adds a bookkeeping attribute to every module, nnx.Dict included
+    return {} if values is None else {k: v[...] for k, v in values.items() if isinstance(v, QuantHparam)}
 
   def quantize(self, operand: str, x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     """``x`` quantized as ``config.<operand>`` says (unchanged when that is ``None``).

@@ -272,6 +272,8 @@ def set_hparams(model: nnx.Module, operand: str | None = None, **values) -> nnx.
     for name in (OPERANDS if operand is None else (operand,)):
       variables = getattr(module, name)
       for key, var in ({} if variables is None else variables).items():
+        if not isinstance(var, QuantHparam):  # e.g. nnx.capture's bookkeeping attribute
+          continue
         present.add(key)
         if key in values:
           used.add(key)

@@ -49,7 +49,9 @@ def prunable_leaves(config: ml_collections.ConfigDict, model: Any, variables: di
   """The prunable leaves of the params (a tree of Python bools) by ``config.pruning``'s rule."""
   x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
   if isinstance(model, Functional):
-    layers = pruning.nnx_layer_paths(model.module(variables), x)
+    module = model.module(variables)
+    module.eval()  # the trace reads the layers' order; in train mode it would write batch statistics
+    layers = pruning.nnx_layer_paths(module, x)
   else:
     layers = pruning.layer_paths(model, x, train=False)
   return schema.prune_rule(config).prunable(variables["params"], layers)
