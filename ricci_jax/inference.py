@@ -30,14 +30,15 @@ forward with the rebuilt kernels; the logits equal the jitted eval-mode
 forward of the model (an op-by-op call rounds BatchNorm differently). The NNX
 zoo is rebuilt from the file; a user's own class is passed as ``model=``.
 
-**XOR-popcount layers** (``xnor``, on by default on CPU): a conv or dense
-layer whose kernel *and* input are both sign-binarized with no scale (1-bit
-``uniform`` / ``dorefa`` kernel, 1-bit ``uniform`` input, scale ``none``,
-float32) is computed from the packed bits directly: the input's signs packed
-along the channels, XOR with the kernel's bits, popcount, ``C - 2 popcount``
-per tap, padded taps left out. That is exact: the float product of ±1 values
-sums integers below 2^24, which float32 holds exactly in any order. With a
-scale it would not be (sums of ±s round), so those layers are unpacked.
+**XOR-popcount layers** (``xnor``, on by default on CPU; :mod:`ricci_jax.xnor`),
+in Linen and NNX models alike: a conv or dense layer whose kernel *and* input
+are both sign-binarized with no scale (1-bit ``uniform`` / ``dorefa`` kernel,
+1-bit ``uniform`` input, scale ``none``, float32) is computed from the packed
+bits directly: the input's signs packed along the channels, XOR with the
+kernel's bits, popcount, ``C - 2 popcount`` per tap, padded taps left out.
+That is exact: the float product of ±1 values sums integers below 2^24, which
+float32 holds exactly in any order. With a scale it would not be (sums of ±s
+round), so those layers are unpacked.
 
 A *pruned* binary kernel (latent weights exactly 0, ternary {-1, 0, +1} in
 the forward, :func:`ricci_jax.layers.quantize_tensor`) is computed exactly
@@ -46,6 +47,11 @@ pruned weight contributes 0, and per tap the output is
 ``kept - 2 popcount((x XOR w) AND mask)``, ``kept`` being the popcount of
 the tap's mask (the XNOR-popcount of sparse binary networks; again a sum of
 integers, so equal to the float layer's).
+
+A Linen model's layer calls are intercepted with ``nn.intercept_methods``; an
+NNX model's ``nnx.Linear`` / ``nnx.Conv`` calls are replaced while its jitted
+forward is traced (:mod:`ricci_jax.nnx.xnor`). Either way the other layers run
+their own code, and the XOR-popcount layers' kernels are kept as packed words only.
 
 Speed and memory (measured numbers: ``benchmarks/README.md``, from
 ``benchmarks/export_inference.py``):
@@ -69,7 +75,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -82,15 +87,24 @@ import numpy as np
 from flax import nnx
 
 from ricci_jax import export
-from ricci_jax.quant_config import QuantConfig
 from ricci_jax.models import QuantRule, inspect
 from ricci_jax.nnx import describe
+from ricci_jax.nnx import xnor as nnx_xnor
+from ricci_jax.quant_config import QuantConfig
+from ricci_jax.xnor import (  # noqa: F401 - all of them: the serving API's XOR-popcount layers, as before
+    XNOR_METHODS,
+    XnorLayer,
+    pack_signs,
+    xnor_apply,
+    xnor_eligible,
+    xnor_kernel_mask,
+    xnor_kernel_words,
+    xnor_layer,
+    xnor_word_bits,
+)
 
 UNPACK_MODES = ("on_the_fly", "once")
 """When kernels are rebuilt from the packed words: in every forward pass, or once."""
-
-XNOR_METHODS = ("uniform", "dorefa")
-"""Kernel methods whose 1-bit forward values are +-1 (DoReFa's: the sign of tanh(w)/max|tanh(w)|)."""
 
 
 def serving_rule(model: nn.Module, input_shape: tuple[int, ...]) -> QuantRule:
@@ -143,161 +157,24 @@ def rebuild_variables(tensors: Mapping[str, export.PackedTensor],
   return {c: flax.traverse_util.unflatten_dict(v, sep="/") for c, v in flat.items() if v}
 
 
-@dataclasses.dataclass(frozen=True)
-class XnorLayer:
-  """A conv or dense layer computed with XOR-popcount.
-
-  Attributes:
-    kind: ``"conv"`` or ``"dense"``.
-    fan_in: the contraction length per tap (input channels of a conv, inputs of a dense).
-    word_bits: bits per word of the packed channels (8, 16 or 32).
-    window: a conv's kernel window (kh, kw).
-    strides: a conv's strides.
-    padding: a conv's ((top, bottom), (left, right)) zero padding.
-    bias: whether the layer adds a bias.
-  """
-
-  kind: str
-  fan_in: int
-  word_bits: int
-  window: tuple[int, ...] = ()
-  strides: tuple[int, ...] = ()
-  padding: tuple[tuple[int, int], ...] = ()
-  bias: bool = False
-
-
-_WORD_DTYPES = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}
-
-
-def xnor_word_bits(fan_in: int) -> int:
-  """Word size for a fan-in's sign bits: 8, 16 or 32 (larger fan-ins take several 32-bit words)."""
-  return 8 if fan_in <= 8 else 16 if fan_in <= 16 else 32
-
-
-def pack_signs(x: jax.Array, word_bits: int) -> jax.Array:
-  """Sign bits (1 for x >= 0, as :func:`ricci_jax.binarize`) of the last axis, packed into words.
-
-  The last axis is zero-padded to a multiple of ``word_bits``; padded bits are
-  0 in the kernel's words too, so they never differ.
-  """
-  dtype = _WORD_DTYPES[word_bits]
-  n = x.shape[-1]
-  words = -(-n // word_bits)
-  bits = (x >= 0).astype(dtype)
-  if words * word_bits != n:
-    bits = jnp.pad(bits, [(0, 0)] * (x.ndim - 1) + [(0, words * word_bits - n)])
-  bits = bits.reshape(*x.shape[:-1], words, word_bits)
-  return jnp.sum(bits << jnp.arange(word_bits, dtype=dtype), axis=-1, dtype=dtype)
-
-
-def _xnor_eligible(config: QuantConfig | None, dtype: np.dtype) -> bool:
-  w = None if config is None else config.weight
-  a = None if config is None else config.act
-  return (w is not None and a is not None and w.bits == 1 and a.bits == 1 and w.method in XNOR_METHODS
-          and a.method == "uniform" and w.scale == "none" and a.scale == "none" and dtype == np.float32)
-
-
-def _explicit_padding(padding: Any, n: int) -> tuple[tuple[int, int], ...] | None:
-  if isinstance(padding, str):
-    return ((0, 0),) * n if padding.upper() == "VALID" else None
-  if isinstance(padding, int):
-    return ((padding, padding),) * n
-  try:
-    pairs = tuple((int(lo), int(hi)) for lo, hi in padding)
-  except (TypeError, ValueError):
-    return None
-  return pairs if len(pairs) == n else None
-
-
-def _ones(value: Any, n: int) -> bool:
-  return value is None or (value == 1 if isinstance(value, int) else tuple(value) == (1,) * n)
-
-
 def xnor_layers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, XnorLayer]:
   """The layers of ``model`` that XOR-popcount computes exactly, by path.
 
   Sign-binarized kernel and input without scales, float32, and a plain
   geometry: a dense layer, or a 2-D conv without groups or dilation with
-  explicit (or ``VALID``) padding.
+  explicit (or ``VALID``) padding (:func:`ricci_jax.xnor.xnor_layer`; the NNX
+  twin is :func:`ricci_jax.nnx.xnor.xnor_layers`).
   """
   dtype = inspect.compute_dtype(model)
   found: dict[str, XnorLayer] = {}
   for path, call in inspect.trace(model, inspect.example_input(input_shape), train=False).layers().items():
     mod, x = call.module, call.inputs[0]
-    if not (_xnor_eligible(call.config, dtype) and x.dtype == jnp.float32):
+    if not (xnor_eligible(call.config, dtype) and x.dtype == jnp.float32):
       continue
-    if isinstance(mod, nn.Dense):
-      k = int(x.shape[-1])
-      found[path] = XnorLayer("dense", k, xnor_word_bits(k), bias=bool(mod.use_bias))
-    else:
-      window = tuple(mod.kernel_size) if not isinstance(mod.kernel_size, int) else (mod.kernel_size,)
-      padding = _explicit_padding(mod.padding, len(window))
-      plain = (len(window) == 2 and len(x.shape) == 4 and mod.feature_group_count == 1
-               and all(_ones(d, len(window)) for d in (mod.input_dilation, mod.kernel_dilation)))
-      if plain and padding is not None:
-        strides = (1, 1) if mod.strides is None else (
-            (mod.strides,) * 2 if isinstance(mod.strides, int) else tuple(mod.strides))
-        c = int(x.shape[-1])
-        found[path] = XnorLayer("conv", c, xnor_word_bits(c), window, strides, padding, bool(mod.use_bias))
+    layer = xnor_layer(mod, tuple(x.shape), dense=isinstance(mod, nn.Dense))
+    if layer is not None:
+      found[path] = layer
   return found
-
-
-def xnor_kernel_words(tensor: export.PackedTensor, layer: XnorLayer) -> np.ndarray:
-  """A packed 1-bit kernel re-laid for XOR-popcount: (out, [kh, kw,] words over the fan-in).
-
-  Bit 1 is +1; a pruned weight's bit is 0 (its mask, :func:`xnor_kernel_mask`, leaves it out).
-  """
-  values = np.asarray(jax.jit(functools.partial(export.dequantize, tensor))(tensor.arrays), np.float32)
-  values = np.moveaxis(np.where(values == 0, -1.0, values), -1, 0)  # (out, ..., fan_in) as +-1
-  return np.asarray(pack_signs(jnp.asarray(values), layer.word_bits))
-
-
-def xnor_kernel_mask(tensor: export.PackedTensor, layer: XnorLayer) -> np.ndarray | None:
-  """A pruned 1-bit kernel's mask laid out as :func:`xnor_kernel_words` (bit 1: kept); ``None`` if unpruned."""
-  if not tensor.pruned:
-    return None
-  kept = np.asarray(export.unpack_indices(tensor.arrays["mask"], 1, tensor.size)).reshape(tensor.shape)
-  kept = np.moveaxis(kept, -1, 0).astype(np.float32) * 2 - 1  # kept: +1 (bit 1), pruned: -1 (bit 0)
-  return np.asarray(pack_signs(jnp.asarray(kept), layer.word_bits))
-
-
-def _tap(a: jax.Array, words: jax.Array, mask: jax.Array | None, fan_in: int) -> jax.Array:
-  """Sum over the fan-in of (input sign) x (kernel value) as int32: kept - 2 popcount(mismatch & mask)."""
-  mismatch = a[..., None, :] ^ words
-  if mask is None:
-    kept = fan_in
-  else:
-    mismatch = mismatch & mask
-    kept = jnp.sum(jax.lax.population_count(mask), axis=-1, dtype=jnp.int32)  # per output
-  return kept - 2 * jnp.sum(jax.lax.population_count(mismatch), axis=-1, dtype=jnp.int32)
-
-
-def xnor_apply(layer: XnorLayer, x: jax.Array, words: jax.Array, bias: jax.Array | None = None,
-               mask: jax.Array | None = None) -> jax.Array:
-  """The layer's float32 output, computed with XOR-popcount (exactly the float layer's on sign inputs).
-
-  ``mask`` (from :func:`xnor_kernel_mask`) leaves a pruned kernel's zeros out: exact for a ternary kernel.
-  """
-  a = pack_signs(x, layer.word_bits)
-  if layer.kind == "dense":
-    y = _tap(a, words, mask, layer.fan_in).astype(jnp.float32)
-    return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-  (pt, pb), (pl, pr) = layer.padding
-  (kh, kw), (sh, sw) = layer.window, layer.strides
-  b, h, w, _ = x.shape
-  oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
-  padded = jnp.pad(a, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  valid = jnp.pad(jnp.ones((h, w), jnp.int32), ((pt, pb), (pl, pr)))
-  out = jnp.zeros((b, oh, ow, words.shape[0]), jnp.int32)
-  for i in range(kh):
-    for j in range(kw):
-      rows = slice(i, i + (oh - 1) * sh + 1, sh)
-      cols = slice(j, j + (ow - 1) * sw + 1, sw)
-      tap = padded[:, rows, cols, :]  # (b, oh, ow, words)
-      dot = _tap(tap, words[:, i, j, :], None if mask is None else mask[:, i, j, :], layer.fan_in)
-      out = out + valid[rows, cols][None, :, :, None] * dot  # (b, oh, ow, out)
-  y = out.astype(jnp.float32)
-  return y if bias is None else y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
 
 
 def _lookup(tree: Mapping[str, Any], path: str) -> Any:
@@ -306,17 +183,21 @@ def _lookup(tree: Mapping[str, Any], path: str) -> Any:
   return tree
 
 
-def nnx_serving(packed: export.Packed, model: Any, xnor: bool | None) -> tuple[Any, Any, Any]:
-  """``(training model, serving model, forward)`` of a packed NNX model (see :class:`Predictor`).
+def nnx_serving(packed: export.Packed, model: Any, xnor: bool
+                ) -> tuple[nnx.Module, nnx.Module, dict[str, XnorLayer], Any]:
+  """``(training model, serving model, XOR-popcount layers, forward)`` of a packed NNX model.
+
+  See :class:`Predictor`. ``xnor``: find the layers computed with
+  XOR-popcount (:func:`ricci_jax.nnx.xnor.xnor_layers`; none when false).
+  ``forward(variables, words, masks, x)`` is :func:`ricci_jax.nnx.xnor.apply_fn`
+  of the serving model: pure, jit-able, the kernels of those layers not in
+  ``variables`` but in ``words`` (and ``masks`` for pruned kernels) by path.
 
   Raises:
     export.PackedFileError: the file is not of an NNX model, a user's model
       without ``model``, a ``model`` of another class or layers, or whose
-      variables do not fit the packed tensors; ``xnor=True``.
+      variables do not fit the packed tensors.
   """
-  if xnor:
-    raise ValueError("XOR-popcount layers are computed for Linen models only; serve an NNX model with xnor=None "
-                     "or False")
   if not describe.is_description(packed.model):
     raise export.PackedFileError(f"model= is a Flax NNX module but the packed model is a Linen "
                                  f"{packed.model.get('class')!r}; pass its Linen model or none")
@@ -329,7 +210,8 @@ def nnx_serving(packed: export.Packed, model: Any, xnor: bool | None) -> tuple[A
     raise export.PackedFileError(f"the packed tensors do not fit the NNX model ({type(training).__name__}): "
                                  f"{inspect.listing([f'{k} {have.get(k)} (model: {want.get(k)})' for k in differ])}")
   serving = describe.serving_model(training)
-  return training, serving, describe.apply_fn(serving)
+  layers = nnx_xnor.xnor_layers(training, tuple(packed.input_shape)) if xnor else {}
+  return training, serving, layers, nnx_xnor.apply_fn(serving, layers)
 
 
 class Predictor:
@@ -347,14 +229,16 @@ class Predictor:
     unpack: ``"on_the_fly"`` (default; packed words resident, kernels rebuilt
       in every jitted forward) or ``"once"`` (kernels rebuilt now, float
       kernels resident).
-    xnor: compute the layers :func:`xnor_layers` finds with XOR-popcount from
+    xnor: compute the layers :func:`xnor_layers` (for an NNX model
+      :func:`ricci_jax.nnx.xnor.xnor_layers`) finds with XOR-popcount from
       the packed bits (``None``, the default: on the CPU backend, where it is
-      faster; see the module docstring). NNX models are served through their
-      own forward pass with unpacked kernels: ``xnor=True`` is refused.
+      faster; ``False``: every layer through its own op on unpacked kernels;
+      see the module docstring).
 
   Attributes:
     model: the training model.
-    serving: the serving model (:func:`serving_model`).
+    serving: the serving model (:func:`serving_model`; for an NNX model
+      :func:`ricci_jax.nnx.describe.serving_model`).
     xnor_layers: the layers computed with XOR-popcount, by path.
     arrays: the device arrays the forward reads: ``"tensors"`` (packed, or
       rebuilt with ``"once"``), ``"xnor"`` (kernel bits of the XOR-popcount
@@ -372,15 +256,14 @@ class Predictor:
     self.input_shape = tuple(packed.input_shape)
     self.unpack = unpack
     self._nnx_apply = None
+    if xnor is None:
+      xnor = jax.default_backend() == "cpu"
     if describe.is_description(packed.model) or isinstance(model, nnx.Module):
-      self.model, self.serving, self._nnx_apply = nnx_serving(packed, model, xnor)
-      xnor = False
+      self.model, self.serving, self.xnor_layers, self._nnx_apply = nnx_serving(packed, model, xnor)
     else:
       self.model = packed.build_model() if model is None else model
       self.serving = serving_model(self.model, self.input_shape)
-    if xnor is None:
-      xnor = jax.default_backend() == "cpu"
-    self.xnor_layers = xnor_layers(self.model, self.input_shape) if xnor else {}
+      self.xnor_layers = xnor_layers(self.model, self.input_shape) if xnor else {}
     xnor_keys = {f"params/{p}/kernel" for p in self.xnor_layers}
     # the tensors' static description only: the arrays travel as jit arguments
     self._tensors = {k: dataclasses.replace(t, arrays={}) for k, t in packed.tensors.items() if k not in xnor_keys}
@@ -401,7 +284,7 @@ class Predictor:
   def _apply(self, variables: Mapping[str, Any], words: Mapping[str, jax.Array],
              masks: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
     if self._nnx_apply is not None:
-      return self._nnx_apply(variables, x)
+      return self._nnx_apply(variables, words, masks, x)
     if not self.xnor_layers:
       return self.serving.apply(variables, x, train=False)
 

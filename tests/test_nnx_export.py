@@ -195,8 +195,6 @@ def test_serving_with_a_model_that_is_not_the_packed_one_is_refused(tmp_path):
   other_rule = rjn.quantize(SmallCNN(nnx.Rngs(0)), rj.QuantRule(layers="all", weight=rj.TensorQuant(bits=2)))
   with pytest.raises(export.PackedFileError, match=r"quantized otherwise than the packed model"):
     inference.Predictor(tmp_path / "m.npz", model=other_rule)
-  with pytest.raises(ValueError, match=r"XOR-popcount .* Linen models only"):
-    inference.Predictor(tmp_path / "m.npz", model=SmallCNN(nnx.Rngs(0)), xnor=True)
 
 
 def test_a_variable_type_the_file_does_not_store_is_named():

@@ -20,7 +20,9 @@ See :mod:`ricci_jax.nnx.quantize` for how a rule selects layers,
 :mod:`ricci_jax.nnx.ops` for what a quantized layer computes and
 :mod:`ricci_jax.nnx.zoo` for NNX versions of zoo models (a packed zoo model is
 served without ``model=``), :mod:`ricci_jax.nnx.describe` for how the summary,
-the export and serving read an NNX model and :mod:`ricci_jax.nnx.trace` for the
+the export and serving read an NNX model, :mod:`ricci_jax.nnx.xnor` for how
+serving computes its W1A1 layers with XOR-popcount from the packed bits (as for
+a Linen model; on CPU by default) and :mod:`ricci_jax.nnx.trace` for the
 abstract forward pass they all trace.
 """
 
