@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import ricci_jax as rj
+from nnx_state import randomize
 from ricci_jax import export, inference, models
 from ricci_jax import nnx as rjn
 from ricci_jax.nnx.zoo import LeNet5, load_linen_variables
@@ -43,19 +44,6 @@ class Other(nnx.Module):
 
   def __call__(self, x):
     return self.head(self.conv(x).mean((1, 2)))
-
-
-def _randomize(model, seed):
-  """Every Param and BatchStat drawn at random (batch statistics away from their 0 / 1 start)."""
-  state = nnx.state(model, (nnx.Param, nnx.BatchStat))
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  nnx.update(model, jax.tree.unflatten(treedef, [jax.random.normal(k, v.shape, v.dtype) * 0.3
-                                                 for k, v in zip(keys, leaves)]))
-  for _, m in nnx.iter_modules(model):
-    if isinstance(m, nnx.BatchNorm):
-      m.var[...] = jnp.abs(m.var[...]) + 0.5
-  return model
 
 
 def _lenet(seed=0, rule=W1A1):
@@ -138,7 +126,7 @@ def test_a_quantized_nnx_lenet5_serves_its_eval_logits_exactly(tmp_path, rule):
 
 def test_a_users_nnx_cnn_serves_exactly_with_its_model_passed_again(tmp_path):
   rule = rj.QuantRule(weight=rj.TensorQuant(bits=1, scale="channel"), act=rj.TensorQuant(bits=2, method="uniform"))
-  model = _randomize(rjn.quantize(SmallCNN(nnx.Rngs(0)), rule), seed=7)
+  model = randomize(rjn.quantize(SmallCNN(nnx.Rngs(0)), rule), seed=7)
   x = jax.random.normal(jax.random.key(2), (8, 8, 8, 1))
   want = _eval_logits(model, x)
   packed = export.pack(nnx.to_pure_dict(nnx.state(model)), model, input_shape=(8, 8, 1))  # a nested dict too

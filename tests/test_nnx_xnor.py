@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import ricci_jax as rj
+from nnx_state import randomize
 from ricci_jax import export, inference
 from ricci_jax import nnx as rjn
 from ricci_jax.nnx.zoo import LeNet5
@@ -68,19 +69,6 @@ CNN_LAYERS = {
 }
 
 
-def _randomize(model, seed):
-  """Every Param and BatchStat drawn at random (batch statistics away from their 0 / 1 start)."""
-  state = nnx.state(model, (nnx.Param, nnx.BatchStat))
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  nnx.update(model, jax.tree.unflatten(treedef, [jax.random.normal(k, v.shape, v.dtype) * 0.3
-                                                 for k, v in zip(keys, leaves)]))
-  for _, m in nnx.iter_modules(model):
-    if isinstance(m, nnx.BatchNorm):
-      m.var[...] = jnp.abs(m.var[...]) + 0.5
-  return model
-
-
 def _prune(model, paths, seed):
   """Half of each named kernel set exactly to 0; returns the counts."""
   rng = np.random.default_rng(seed)
@@ -105,7 +93,7 @@ def _eval_logits(model, x):
 
 
 def _lenet(seed):
-  return rjn.quantize(_randomize(LeNet5(order="conv_relu_bn", rngs=nnx.Rngs(0)), seed), W1A1)
+  return rjn.quantize(randomize(LeNet5(order="conv_relu_bn", rngs=nnx.Rngs(0)), seed), W1A1)
 
 
 def _assert_xnor_served(path, x, want, layers, masked=(), **kwargs):
@@ -162,7 +150,7 @@ def test_the_pruned_positions_matter(tmp_path):
 
 @pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned"])
 def test_a_users_w1a1_nnx_cnn_serves_bit_for_bit_with_xor_popcount(tmp_path, pruned):
-  model = _randomize(rjn.quantize(BinaryCNN(nnx.Rngs(0)), CNN_RULE), seed=8)
+  model = randomize(rjn.quantize(BinaryCNN(nnx.Rngs(0)), CNN_RULE), seed=8)
   counts = _prune(model, ["blocks/0", "mid"], seed=2) if pruned else {}
   x = jax.random.normal(jax.random.key(5), (8, 12, 12, 3))
   want = _eval_logits(model, x)
@@ -172,7 +160,7 @@ def test_a_users_w1a1_nnx_cnn_serves_bit_for_bit_with_xor_popcount(tmp_path, pru
 
 def test_an_nnx_model_without_w1a1_layers_serves_with_xnor_true_and_none_computed(tmp_path):
   rule = rj.QuantRule(layers="all", weight=rj.TensorQuant(bits=1, scale="tensor"), act=rj.TensorQuant(bits=1))
-  model = _randomize(rjn.quantize(BinaryCNN(nnx.Rngs(0)), rule), seed=3)
+  model = randomize(rjn.quantize(BinaryCNN(nnx.Rngs(0)), rule), seed=3)
   x = jax.random.normal(jax.random.key(6), (4, 12, 12, 3))
   want = _eval_logits(model, x)
   export.save(export.pack(None, model, input_shape=(12, 12, 3)), tmp_path / "scaled.npz")
