@@ -1,13 +1,13 @@
 """Bit-packed export: exact kernels, real sizes, the file format and its bad inputs."""
 
 import io
-import json
 import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from packed_raw import read_members, write_members
 
 import ricci_jax as rj
 from experiments.configs import presets
@@ -215,16 +215,6 @@ def packed_file(tmp_path_factory):
   return path
 
 
-def _members(path):
-  with np.load(path) as z:
-    return json.loads(zlib.decompress(z["header"].tobytes())), z["data"].tobytes()
-
-
-def _write(path, header, data):
-  np.savez(open(path, "wb"), header=np.frombuffer(zlib.compress(json.dumps(header).encode()), np.uint8),
-           data=np.frombuffer(data, np.uint8))
-
-
 def test_a_truncated_file_is_refused(packed_file, tmp_path):
   raw = packed_file.read_bytes()
   for keep in (len(raw) - 1, len(raw) // 2, 10):
@@ -239,27 +229,27 @@ def test_a_truncated_file_is_refused(packed_file, tmp_path):
 
 
 def test_a_file_of_another_version_is_refused(packed_file, tmp_path):
-  header, data = _members(packed_file)
-  _write(tmp_path / "v2.npz", {**header, "version": 2}, data)
+  header, data = read_members(packed_file)
+  write_members(tmp_path / "v2.npz", {**header, "version": 2}, data)
   with pytest.raises(export.PackedFileError, match="format version 2; this ricci_jax reads version 1 only"):
     export.load(tmp_path / "v2.npz")
-  _write(tmp_path / "other.npz", {**header, "format": "something.else"}, data)
+  write_members(tmp_path / "other.npz", {**header, "format": "something.else"}, data)
   with pytest.raises(export.PackedFileError, match="is not a ricci_jax.packed file"):
     export.load(tmp_path / "other.npz")
 
 
 def test_short_or_corrupted_data_is_refused(packed_file, tmp_path):
-  header, data = _members(packed_file)
-  _write(tmp_path / "short.npz", header, data[:-3])
+  header, data = read_members(packed_file)
+  write_members(tmp_path / "short.npz", header, data[:-3])
   with pytest.raises(export.PackedFileError, match=f"holds {len(data) - 3} bytes but the header says {len(data)}"):
     export.load(tmp_path / "short.npz")
   flipped = bytearray(data)
   flipped[5] ^= 0xFF
-  _write(tmp_path / "flipped.npz", header, bytes(flipped))
+  write_members(tmp_path / "flipped.npz", header, bytes(flipped))
   with pytest.raises(export.PackedFileError, match="CRC-32 does not match"):
     export.load(tmp_path / "flipped.npz")
   longer = data + b"\0\0\0\0"
-  _write(tmp_path / "long.npz", {**header, "data": {"nbytes": len(longer), "crc32": zlib.crc32(longer)}}, longer)
+  write_members(tmp_path / "long.npz", {**header, "data": {"nbytes": len(longer), "crc32": zlib.crc32(longer)}}, longer)
   with pytest.raises(export.PackedFileError, match="4 bytes of data belong to no array"):
     export.load(tmp_path / "long.npz")
 
@@ -267,7 +257,7 @@ def test_short_or_corrupted_data_is_refused(packed_file, tmp_path):
 @pytest.mark.parametrize("bit", [30, 20])
 def test_stray_bits_outside_the_packed_values_are_refused(packed_file, tmp_path, bit):
   """Bit 30 is unused in every word of 3-bit values (10 to a uint32); bit 20 is past the last value."""
-  header, data = _members(packed_file)
+  header, data = read_members(packed_file)
   entry = header["tensors"]["params/dense1/kernel"]  # 21 x 16 = 336 3-bit values: 34 words, the last holds 6
   name, _, shape, offset, nbytes = entry["arrays"][0]
   assert name == "words" and shape == [34] and nbytes == 136
@@ -275,7 +265,7 @@ def test_stray_bits_outside_the_packed_values_are_refused(packed_file, tmp_path,
   last = offset + nbytes - 4
   raw[last:last + 4] = (int.from_bytes(raw[last:last + 4], "little") | 1 << bit).to_bytes(4, "little")
   raw = bytes(raw)
-  _write(tmp_path / "stray.npz", {**header, "data": {"nbytes": len(raw), "crc32": zlib.crc32(raw)}}, raw)
+  write_members(tmp_path / "stray.npz", {**header, "data": {"nbytes": len(raw), "crc32": zlib.crc32(raw)}}, raw)
   with pytest.raises(export.PackedFileError, match="bits are set outside the packed values"):
     export.load(tmp_path / "stray.npz")
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from packed_raw import read_members, write_members
 
 import ricci_jax as rj
 from ricci_jax import export, inference, layers, models
@@ -206,21 +207,11 @@ def test_ridge_with_pruned_weights_packs_inexactly_with_zeros_kept():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def _members(path):
-  with np.load(path) as z:
-    return json.loads(zlib.decompress(z["header"].tobytes())), z["data"].tobytes()
-
-
-def _write(path, header, data):
-  np.savez(open(path, "wb"), header=np.frombuffer(zlib.compress(json.dumps(header).encode()), np.uint8),
-           data=np.frombuffer(data, np.uint8))
-
-
 def test_a_pruned_file_is_checked_on_load(tmp_path):
   w = _pruned((10, 5), 30)  # 50 weights, 25 pruned: a 7-byte mask with 6 unused bits
   packed = export.Packed(model={}, input_shape=(1,), tensors={"params/d/kernel": export.pack_kernel(w, W1)})
   export.save(packed, tmp_path / "p.npz")
-  header, data = _members(tmp_path / "p.npz")
+  header, data = read_members(tmp_path / "p.npz")
   entry = header["tensors"]["params/d/kernel"]
   assert header["version"] == export.VERSION and entry["pruned"] == 25
   names = [a[0] for a in entry["arrays"]]
@@ -229,17 +220,17 @@ def test_a_pruned_file_is_checked_on_load(tmp_path):
   stray = bytearray(data)
   stray[offset + nbytes - 1] |= 0x80  # bit 55 of the mask: past its 50 values
   stray = bytes(stray)
-  _write(tmp_path / "stray.npz", {**header, "data": {"nbytes": len(stray), "crc32": zlib.crc32(stray)}}, stray)
+  write_members(tmp_path / "stray.npz", {**header, "data": {"nbytes": len(stray), "crc32": zlib.crc32(stray)}}, stray)
   with pytest.raises(export.PackedFileError, match=r"\(mask\): bits are set outside the packed values"):
     export.load(tmp_path / "stray.npz")
   flipped = bytearray(data)
   flipped[offset] ^= 0x01  # one weight more or less kept than the header says
   flipped = bytes(flipped)
-  _write(tmp_path / "flip.npz", {**header, "data": {"nbytes": len(flipped), "crc32": zlib.crc32(flipped)}}, flipped)
+  write_members(tmp_path / "flip.npz", {**header, "data": {"nbytes": len(flipped), "crc32": zlib.crc32(flipped)}}, flipped)
   with pytest.raises(export.PackedFileError, match=r"the mask keeps 2[46] weights, the header says 25"):
     export.load(tmp_path / "flip.npz")
   header["tensors"]["params/d/kernel"] = {**entry, "pruned": 51}
-  _write(tmp_path / "many.npz", header, data)
+  write_members(tmp_path / "many.npz", header, data)
   with pytest.raises(export.PackedFileError, match="cannot have 51 pruned weights"):
     export.load(tmp_path / "many.npz")
 
