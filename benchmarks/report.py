@@ -32,6 +32,7 @@ BENCHMARKS = (
     ("benchmarks.input_pipeline", []),
     ("benchmarks.export_inference", []),
     ("benchmarks.cpu_settings_ablation", []),
+    ("benchmarks.dead_neurons_cost", []),
 )
 
 
@@ -153,6 +154,19 @@ def rows_ablation(d: dict) -> list[list[str]]:
            f"{v['minor_faults']['median']:,.0f} page faults)", "", src] for name, v in settings.items()]
 
 
+def rows_dead_neurons(d: dict) -> list[list[str]]:
+  src = "dead_neurons_cost.json"
+  labels = {"measure": "`relu_activity`, train mode", "measure_and_summarize": "the same + `add_counts` + `summarize`"}
+  base = d["cases"]["train_step"]["median_s"]
+  out = [["dead-neuron rate cost", f"{label} (binarized LeNet-5, batch {d['batch_size']})",
+          f"{_ms(d['cases'][case]['median_s'])} ({d['cases'][case]['ratio_to_train_step_median']:.2f}x a "
+          f"{_ms(base)} train step)", "", src] for case, label in labels.items()]
+  k = d["overhead_every_k_steps"]
+  out.append(["dead-neuron rate cost", "measured every K steps: share of the training time",
+              ", ".join(f"K={n}: {100 * v:.2g}%" for n, v in k.items()), "", src])
+  return out
+
+
 SECTIONS = (
     ("train_step_vs_pytorch.json", rows_vs_pytorch),
     ("train_step_equality.json", rows_equality),
@@ -162,6 +176,7 @@ SECTIONS = (
     ("input_pipeline.json", rows_input_pipeline),
     ("export_inference.json", rows_export),
     ("cpu_settings_ablation.json", rows_ablation),
+    ("dead_neurons_cost.json", rows_dead_neurons),
 )
 
 
