@@ -239,6 +239,33 @@ def _pct(x, signed=False):
   return "" if x is None or x != x else (f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}")
 
 
+def _summary(analysis: dict) -> list[str]:
+  """One row per part: where pruning ended, AP against IMP (the primary endpoint), and the DNR questions."""
+  rows = []
+  for part, res in analysis.items():
+    diff = res.get("ap_minus_imp")
+    imp, ap = res["arms"]["imp"]["cycles"], res["arms"].get("ap", {}).get("cycles", [])
+    if not diff:
+      continue
+    m, dnr = diff["mean_over_pruned_cycles"], diff["dnr_train_mean_over_pruned_cycles"]
+    trend = "; ".join(f"{a} {t['dnr_train']['falls_with_pruning']}/{t['dnr_train']['runs']}"
+                      for a, t in ((a, res["arms"][a]["dnr_trend"]) for a in ("imp", "ap")))
+    rows.append([f"`{part}`", len(diff["seeds"]), f"{100 * imp[-1]['remaining']:.1f}", _pct(imp[0]["accuracy_mean"]),
+                 _pct(imp[-1]["accuracy_mean"]), _pct(ap[-1]["accuracy_mean"]) if ap else "",
+                 f"{_pct(m['mean'], True)} ({m['wins']}/{m['n']}; p {m['p_sign_flip']:.2g})",
+                 f"{dnr['mean']:+.4f} (lower on {dnr['n'] - dnr['wins']}/{dnr['n']})" if dnr else "", trend])
+  if not rows:
+    return []
+  header = ["part", "paired seeds", "remaining % at the end", "dense accuracy %", "IMP at the end %",
+            "AP at the end %", "AP − IMP, pruned cycles (ahead on; sign-flip p)", "dynamic DNR, AP − IMP",
+            "DNR falls with pruning (runs)"]
+  return ["## Summary", "", reporting.markdown_table(header, rows), "",
+          "Accuracy: test accuracy at the end of a cycle, mean over the paired seeds. AP − IMP: the primary "
+          "endpoint, the mean over the pruned cycles of the per-seed difference, in points; with 3 seeds the "
+          "smallest possible sign-flip p is 0.25. DNR falls with pruning: runs whose Spearman ρ of remaining "
+          "weights and dynamic DNR over the cycles is positive.", ""]
+
+
 def readme(analysis: dict, runs: list[dict]) -> str:
   p = reporting.provenance({"source": {"commit": s["commit"], "dirty": s["dirty"]}, "device": s["device"]}
                             for r in runs for s in r["sources"])
@@ -249,6 +276,7 @@ def readme(analysis: dict, runs: list[dict]) -> str:
            f"Runs: {len(runs)} finished of the protocol's {len(jobs(PARTS, SEEDS))} (the study resumes where it "
            f"stopped; parts without a paired seed are not shown); commits {', '.join(commits)}; cycles trained "
            f"from a dirty tree: {dirty}; devices: {'; '.join(devices)}.", ""]
+  lines += _summary(analysis)
   for part, res in analysis.items():
     lines += [f"## {res['title']} (`{part}`)", "", f"Seeds: {res['seeds']}. ![{part}]({part}.png)", ""]
     arms = list(res["arms"])

@@ -30,6 +30,13 @@ def test_the_quick_study_runs_and_reports(tmp_path):
   assert (tmp_path / "out" / "lenet_binary.png").stat().st_size > 10_000
   text = (tmp_path / "out" / "README.md").read_text()
   assert "ap − imp" in text and "DNR against sparsity" in text
+  # the summary row: the hand-computed endpoint and the final accuracies from the raw rows
+  row = next(line for line in text.splitlines() if line.startswith("| `lenet_binary` |"))
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  assert cells[1] == "2"
+  imp_end = 100 * (imp[0][-1]["final_test_accuracy"] + imp[1][-1]["final_test_accuracy"]) / 2
+  assert float(cells[4]) == pytest.approx(imp_end, abs=0.006)  # printed with 2 decimals
+  assert float(cells[6].split()[0]) == pytest.approx(100 * sum(want) / 2, abs=0.006)
 
 
 def test_bad_arguments_are_refused():
