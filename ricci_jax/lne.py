@@ -62,6 +62,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Array = jax.Array
@@ -99,10 +100,30 @@ def resolve_metric(metric: str, approx: str) -> tuple[str, str]:
   return metric, approx
 
 
+def as_int(value, name: str, *, traced_ok: bool = False):
+  """``value`` as a Python int if it is an integer (an int, or a 0-d integer array), else ``None``.
+
+  ``optax.inject_hyperparams`` turns every int argument into an array, a tracer under ``jax.jit``. A size
+  (``block``, ``median_window``) must be concrete, so a traced integer raises, naming ``static_args``;
+  with ``traced_ok`` it is returned as it is, for the caller to use only where no size depends on it.
+  """
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, np.ndarray, jax.Array)) \
+      or np.ndim(value) or not np.issubdtype(getattr(value, "dtype", np.int64), np.integer):
+    return None
+  if isinstance(value, jax.core.Tracer):
+    if traced_ok:
+      return value
+    raise ValueError(f"{name} sizes arrays, so it cannot be traced (optax.inject_hyperparams under jax.jit traces "
+                     f"ints): pass static_args=({name!r},) to optax.inject_hyperparams")
+  return int(value)
+
+
 def check_block(block: str | int) -> str | int:
-  if isinstance(block, bool) or not (block in BLOCKS or (isinstance(block, int) and block >= 1)):
+  """``block`` checked; returned as a Python int if it is an integer array (see :func:`as_int`)."""
+  k = block if isinstance(block, str) else as_int(block, "block")
+  if not (k in BLOCKS or (isinstance(k, int) and k >= 1)):
     raise ValueError(f"unknown block {block!r}; valid: {', '.join(BLOCKS)} or a positive int (weights per block)")
-  return block
+  return k
 
 
 def check_tau(tau, metric: str = "rank1"):
@@ -129,7 +150,7 @@ def check_tau(tau, metric: str = "rank1"):
 
 def block_shape(shape: tuple[int, ...], block: str | int) -> tuple[int, int]:
   """(number of blocks, weights per block) of a kernel of ``shape``; raises if an int block does not divide it."""
-  check_block(block)
+  block = check_block(block)
   n = 1
   for s in shape:
     n *= int(s)
@@ -314,7 +335,7 @@ def natural_gradient(
   metric, approx = resolve_metric(metric, approx)
   if approx == "none":
     return d
-  check_block(block)
+  block = check_block(block)
   if isinstance(tau, str):
     check_tau(tau, metric)
   tau_v = resolve_tau(w, tau, tau_scale, block)

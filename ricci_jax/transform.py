@@ -80,15 +80,29 @@ def _check_number(name: str, value, allow_zero: bool):
     raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
-def _check_options(tau, tau_scale, approx, metric, block, control) -> tuple[str, str]:
-  """Construction-time checks shared by both transforms; returns the resolved (metric, approx)."""
+def _check_options(tau, tau_scale, approx, metric, block, control) -> tuple[str, str, str | int]:
+  """Construction-time checks shared by both transforms; returns the resolved (metric, approx, block)."""
   metric, approx = lne.resolve_metric(metric, approx)
-  lne.check_block(block)
+  block = lne.check_block(block)
   lne.check_tau(tau, metric)
   _check_number("tau_scale", tau_scale, allow_zero=False)
   if control not in CONTROLS:
     raise ValueError(f"unknown control {control!r}; valid: {', '.join(CONTROLS)}")
-  return metric, approx
+  return metric, approx, block
+
+
+def _check_state_dtype(state_dtype) -> np.dtype:
+  """``state_dtype`` as a floating dtype (``None``: float32)."""
+  if isinstance(state_dtype, (jax.Array, np.ndarray)):  # inject_hyperparams called a dtype as a schedule
+    raise ValueError("state_dtype must be a dtype or its name; optax.inject_hyperparams calls a dtype such as "
+                     "jnp.bfloat16 as a schedule: pass its name ('bfloat16') or static_args=('state_dtype',)")
+  try:
+    dtype = jnp.dtype(jnp.float32 if state_dtype is None else state_dtype)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"state_dtype must be a floating dtype or its name (e.g. 'bfloat16'), got {state_dtype!r}")
+  return dtype
 
 
 def _validate_layers(params, tau, tau_scale, metric, approx, block):
@@ -168,7 +182,7 @@ def scale_by_lne(
   Returns:
     A transformation whose ``update`` requires ``params``.
   """
-  metric, approx = _check_options(tau, tau_scale, approx, metric, block, control)
+  metric, approx, block = _check_options(tau, tau_scale, approx, metric, block, control)
 
   def init_fn(params):
     _validate_layers(params, tau, tau_scale, metric, approx, block)
@@ -228,7 +242,7 @@ def scale_by_ricci_flow(
     tau_scale: float | Array = 0.5,
     reading: str = "lag",
     normalize: bool = False,
-    state_dtype: Any = jnp.float32,
+    state_dtype: Any = None,
     metric: str = "rank1",
     block: str | int = "layer",
     rho: float | Array | None = None,
@@ -262,7 +276,8 @@ def scale_by_ricci_flow(
     reading: which metrics enter Eq. 34: ``"lag"``, ``"current"`` or
       ``"two_step"`` (see :mod:`ricci_jax.ricci_flow`).
     normalize: divide N by the layer size (not in the paper).
-    state_dtype: dtype of the stored metric vectors.
+    state_dtype: dtype (or its name) of the stored metric vectors; ``None``: float32. A default that is
+      not a callable (optax's ``mu_dtype=None``): ``optax.inject_hyperparams`` takes callables for schedules.
     metric: ``"rank1"`` or ``"hessian_diagonal"`` (see :func:`scale_by_lne`).
     block: what one metric covers (see :func:`scale_by_lne`).
     rho: if given, alpha is set per layer and step so that
@@ -271,9 +286,15 @@ def scale_by_ricci_flow(
     epsilon_relative: if given, the gate also closes when N exceeds this
       multiple of the median of the layer's N over the previous
       ``median_window`` steps (open while there is no history).
-    median_window: steps in that running median.
+    median_window: steps in that running median: it sizes the state, so ``init`` needs it concrete
+      when ``epsilon_relative`` is set (``update`` reads it from the state).
     control: ``"none"``, ``"match_norm"`` or ``"random_direction"`` (:data:`CONTROLS`).
     control_seed: the seed of ``"random_direction"``'s directions.
+
+  Every number may be an array (a tracer under ``optax.inject_hyperparams``
+  and ``jax.jit``) except the sizes: an int ``block`` anywhere and
+  ``median_window`` in ``init`` with ``epsilon_relative`` set raise, naming
+  ``static_args``, when traced.
 
   Returns:
     A transformation whose ``update(updates, state, params, translated_grads=...)``
@@ -281,20 +302,23 @@ def scale_by_ricci_flow(
     with a leading axis of 4 per leaf, from :func:`ricci_jax.translated_grads`)
     whenever there is at least one leaf.
   """
-  metric, approx = _check_options(tau, tau_scale, approx, metric, block, control)
+  metric, approx, block = _check_options(tau, tau_scale, approx, metric, block, control)
   if reading not in ricci_flow.READINGS:
     raise ValueError(f"unknown reading {reading!r}; valid: {', '.join(ricci_flow.READINGS)}")
   if not isinstance(shifts, Shifts):
     raise ValueError(f"shifts must be a ricci_jax.ricci_flow.Shifts, got {shifts!r}")
   _check_number("alpha", alpha, allow_zero=True)
   _check_number("epsilon", epsilon, allow_zero=True)
-  _check_number("rho", rho, allow_zero=False)
+  _check_number("rho", rho, allow_zero=True)
   _check_number("epsilon_relative", epsilon_relative, allow_zero=False)
-  if isinstance(median_window, bool) or not isinstance(median_window, int) or median_window < 1:
+  window = lne.as_int(median_window, "median_window", traced_ok=True)
+  if window is None or (_is_concrete(window) and window < 1):
     raise ValueError(f"median_window must be a positive int, got {median_window!r}")
-  window = median_window if epsilon_relative is not None else 0
+  state_dtype = _check_state_dtype(state_dtype)
 
   def init_fn(params):
+    # one unused entry without epsilon_relative: checkpointers refuse zero-size arrays
+    size = 1 if epsilon_relative is None else lne.as_int(window, "median_window")
     _validate_layers(params, tau, tau_scale, metric, approx, block)
 
     def previous(w):
@@ -305,8 +329,7 @@ def scale_by_ricci_flow(
         count=jnp.zeros((), jnp.int32),
         previous=jax.tree.map(previous, params),
         diagnostics=jax.tree.map(zero_diagnostics, params),
-        # one unused entry without epsilon_relative: checkpointers refuse zero-size arrays
-        history=jax.tree.map(lambda _: jnp.full((max(window, 1),), jnp.nan, jnp.float32), params),
+        history=jax.tree.map(lambda _: jnp.full((size,), jnp.nan, jnp.float32), params),
         open_steps=jax.tree.map(lambda _: jnp.zeros((), jnp.int32), params),
     )
 
@@ -352,11 +375,14 @@ def scale_by_ricci_flow(
       nat = lne.natural_gradient(w, d32 + penalty, tau_v, approx, metric=metric, block=block)
       nat = _apply_control(control, nat, d32, _control_key(control_seed, state.count, i))
       eps_v = jnp.asarray(epsilon, jnp.float32)
-      if window:
+      if epsilon_relative is not None:  # the window is the history's length, concrete even if window is traced
+        if _is_concrete(window) and hist.shape != (window,):
+          raise ValueError(f"the state holds {hist.shape[0]} steps of N, median_window is {window}: the state "
+                           "comes from a transformation with another median_window or epsilon_relative=None")
         have = jnp.any(jnp.isfinite(hist))
         median = jnp.nanmedian(jnp.where(have, hist, 0.0))
         eps_v = jnp.minimum(eps_v, jnp.where(have, jnp.asarray(epsilon_relative, jnp.float32) * median, jnp.inf))
-        hist = hist.at[state.count % window].set(residual)
+        hist = hist.at[state.count % hist.shape[0]].set(residual)
       gate = (residual <= eps_v).astype(jnp.float32)
       opened = opened + gate.astype(jnp.int32)
       diag = lne.lne_diagnostics(w, d32, tau_v, approx, metric=metric, block=block, natural=nat)
@@ -420,12 +446,17 @@ def rf_sgd(
     quantized: a tree of bools like the params (True: a quantized latent
       kernel) or a function of the params returning one, e.g.
       ``lambda p: ricci_jax.layers.quantized_kernel_mask(p, kernels)``.
-      Default: every leaf with ndim >= 2.
+      Default: every leaf with ndim >= 2. ``optax.inject_hyperparams`` takes
+      every callable for a schedule: a function here needs
+      ``static_args=("quantized",)`` (and one as ``weight_decay_mask``, its name).
     tau, alpha, epsilon, approx, shifts, tau_scale, reading, normalize,
       metric, block, rho, epsilon_relative, median_window, control,
       control_seed: see :func:`scale_by_ricci_flow`.
     flow_step: the tentative step size; defaults to ``learning_rate``.
     weight_decay_mask: which params are decayed (optax convention).
+
+  Works under ``optax.inject_hyperparams`` (jitted or not) with the defaults
+  and no ``static_args``; see :func:`scale_by_ricci_flow` for the sizes.
 
   Returns:
     A ``GradientTransformationExtraArgs``; pass ``translated_grads=`` to

@@ -507,9 +507,7 @@ def test_bad_readings_and_knobs_fail_at_construction():
     rj.scale_by_lne(tau="median")
   with pytest.raises(ValueError, match="tau='auto' keeps the rank-1 metric"):
     rj.rf_sgd(0.1, approx="diagonal")
-  with pytest.raises(ValueError, match="rho must be > 0"):
-    rj.scale_by_ricci_flow(rho=0.0)
-  with pytest.raises(ValueError, match="rho must be > 0"):
+  with pytest.raises(ValueError, match="rho must be >= 0"):
     rj.rf_sgd(0.1, rho=-0.1)
   with pytest.raises(ValueError, match="epsilon_relative must be > 0"):
     rj.scale_by_ricci_flow(epsilon_relative=0.0)
@@ -552,3 +550,15 @@ def test_the_readings_numbers_are_traced_hyperparameters():
   assert len(traces) == 1  # new values, no recompilation
   np.testing.assert_allclose(transform.layer_diagnostics(s2)["conv/kernel"].regularizer, 0.3, rtol=1e-5)
   assert not np.allclose(u2["conv"]["kernel"], u1["conv"]["kernel"])
+
+
+def test_rho_zero_is_no_regulariser():
+  """rho = 0 sizes the regulariser at 0 x |d|: the update of alpha = 0."""
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(6, 4)), jnp.float32)
+  d = jnp.asarray(np.random.default_rng(1).normal(size=(6, 4)), jnp.float32)
+  shifted = jnp.asarray(np.random.default_rng(2).normal(size=(4, 6, 4)), jnp.float32)
+  out = []
+  for kw in ({"rho": 0.0}, {"alpha": 0.0}):
+    tx = rj.scale_by_ricci_flow(**kw)
+    out.append(tx.update(d, tx.init(w), w, translated_grads=shifted)[0])
+  np.testing.assert_array_equal(out[0], out[1])

@@ -3,7 +3,8 @@
 The tests of ``optax/contrib/_common_test.py`` (optax 0.2.x), rewritten for ours: the translated gradients
 reach ``update`` as an extra argument, the way ``optax.contrib.sophia`` gets its objective. Each test runs
 with two routings: the default mask (kernels of ndim >= 2 quantized; on the 1-D test problems the RF-DNN
-group is then empty) and every leaf quantized.
+group is then empty) and every leaf quantized. The ``inject_hyperparams`` tests also cover
+``scale_by_ricci_flow`` and ``scale_by_lne``, with no ``static_args`` wherever no size is traced.
 """
 
 import functools
@@ -17,7 +18,9 @@ import pytest
 import ricci_jax as rj
 
 ROUTINGS = {"default": None, "all": lambda p: jax.tree.map(lambda _: True, p)}
-STATIC = ("quantized", "median_window")  # shapes the state: cannot be a traced hyperparameter
+# inject_hyperparams takes every callable for a schedule (optax's convention), so the "all" routing's
+# function of the params must be named static; None (the default routing) and a tree of bools need nothing
+STATIC = ("quantized",)
 
 
 def _parabola(dtype):
@@ -101,6 +104,125 @@ def test_can_be_wrapped_in_inject_hyperparams(routing):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), updates_i, updates)
   assert jax.tree.structure(state_i.inner_state) == jax.tree.structure(state)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), state_i.inner_state, state)
+
+
+# optax/contrib/_common_test.py's test_optimizers_can_be_wrapped_in_inject_hyperparams: the same kwargs
+# directly and through inject_hyperparams with no static_args, every other argument at its default
+FACTORIES = {"rf_sgd": (rj.rf_sgd, {"learning_rate": 0.1}), "scale_by_ricci_flow": (rj.scale_by_ricci_flow, {}),
+             "scale_by_lne": (rj.scale_by_lne, {})}
+
+
+def _contract_problem():
+  params = [jnp.negative(jnp.ones((2, 3))), jnp.ones((2, 5, 2))]
+  grads = [jnp.ones((2, 3)), jnp.negative(jnp.ones((2, 5, 2)))]
+  return params, grads
+
+
+def _extra(factory, grads):
+  return {} if factory is rj.scale_by_lne else {"translated_grads": _translated(grads)}
+
+
+def _assert_injected_equals_direct(factory, kwargs, jit_init, jit_update, steps=1):
+  params, grads = _contract_problem()
+  opt, injected = factory(**kwargs), optax.inject_hyperparams(factory)(**kwargs)
+  update = functools.partial(opt.update, **_extra(factory, grads))
+  update_i = functools.partial(injected.update, **_extra(factory, grads))
+  update_i = jax.jit(update_i) if jit_update else update_i
+  state, state_i = opt.init(params), (jax.jit(injected.init) if jit_init else injected.init)(params)
+  for _ in range(steps):
+    updates, state = update(grads, state, params)
+    updates_i, state_i = update_i(grads, state_i, params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4), updates_i, updates)
+  assert jax.tree.structure(state_i.inner_state) == jax.tree.structure(state)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4), state_i.inner_state, state)
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["with_jit", "without_jit"])
+@pytest.mark.parametrize("name", FACTORIES)
+def test_optimizers_can_be_wrapped_in_inject_hyperparams(name, jit):
+  factory, kwargs = FACTORIES[name]
+  _assert_injected_equals_direct(factory, kwargs, jit, jit)
+
+
+@pytest.mark.parametrize("factory, kwargs, jit_init", [
+    (rj.rf_sgd, {"learning_rate": 0.1, "metric": "hessian_diagonal", "tau": 0.05}, True),
+    (rj.rf_sgd, {"learning_rate": 0.1, "rho": 0.1}, True),
+    (rj.rf_sgd, {"learning_rate": 0.1, "control": "random_direction", "control_seed": 3}, True),
+    # the window sizes the state: init needs it concrete, update reads it from the state
+    (rj.rf_sgd, {"learning_rate": 0.1, "epsilon_relative": 2.0, "median_window": 2}, False),
+    (rj.scale_by_ricci_flow, {"state_dtype": "bfloat16", "tau": "std"}, True),
+    (rj.scale_by_lne, {"control": "random_direction", "block": "out_channel", "approx": "exact"}, True),
+], ids=["hessian_diagonal", "rho", "random_direction", "epsilon_relative", "state_dtype", "lne_out_channel"])
+def test_readings_can_be_wrapped_in_inject_hyperparams(factory, kwargs, jit_init):
+  _assert_injected_equals_direct(factory, kwargs, jit_init, jit_update=True, steps=2)
+
+
+def test_an_int_block_is_static_under_jit():
+  """An int block sizes the metric's blocks: concrete arrays are read as ints, a traced one needs static_args."""
+  params, grads = _contract_problem()
+  _assert_injected_equals_direct(rj.scale_by_lne, {"block": 2, "approx": "exact"}, jit_init=False, jit_update=False)
+  injected = optax.inject_hyperparams(rj.scale_by_lne)(block=2)
+  with pytest.raises(ValueError, match=r"block sizes arrays.*static_args=\('block',\)") as info:
+    jax.jit(injected.update)(grads, injected.init(params), params)
+  assert "\n" not in str(info.value)
+  injected = optax.inject_hyperparams(rj.scale_by_lne, static_args=("block",))(block=2)
+  updates, _ = jax.jit(injected.update)(grads, jax.jit(injected.init)(params), params)
+  want, _ = rj.scale_by_lne(block=2).update(grads, rj.scale_by_lne(block=2).init(params), params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), updates, want)
+
+
+def test_a_traced_median_window_fails_in_init_only_when_it_is_needed():
+  params, _ = _contract_problem()
+  injected = optax.inject_hyperparams(rj.rf_sgd)(learning_rate=0.1, epsilon_relative=2.0)
+  with pytest.raises(ValueError, match=r"median_window sizes arrays.*static_args=\('median_window',\)") as info:
+    jax.jit(injected.init)(params)
+  assert "\n" not in str(info.value)
+  state = jax.jit(optax.inject_hyperparams(rj.rf_sgd, static_args=("median_window",))(
+      learning_rate=0.1, epsilon_relative=2.0, median_window=7).init)(params)
+  assert {h.shape for h in jax.tree.leaves(state.inner_state.inner_states["ricci"].inner_state[0].history)} == {(7,)}
+
+
+def test_bad_sizes_and_a_dtype_taken_for_a_schedule_are_refused():
+  params, _ = _contract_problem()
+  for bad in (0, 2.0, True, jnp.asarray(0), jnp.asarray(2.0)):
+    with pytest.raises(ValueError, match="median_window must be a positive int"):
+      rj.scale_by_ricci_flow(epsilon_relative=2.0, median_window=bad)
+  for bad in (jnp.asarray(0), jnp.asarray(2.0), jnp.asarray([2])):
+    with pytest.raises(ValueError, match="unknown block"):
+      rj.scale_by_lne(block=bad)
+  for bad in ("int32", "bool", "no_such_dtype", object()):
+    with pytest.raises(ValueError, match="state_dtype must be a floating dtype or its name"):
+      rj.scale_by_ricci_flow(state_dtype=bad)
+  with pytest.raises(ValueError, match=r"pass its name \('bfloat16'\) or static_args=\('state_dtype',\)"):
+    optax.inject_hyperparams(rj.scale_by_ricci_flow)(state_dtype=jnp.bfloat16).init(params)
+  state = rj.scale_by_ricci_flow(epsilon_relative=2.0, median_window=np.int64(3), block=jnp.asarray(2)).init(params)
+  assert {h.shape for h in jax.tree.leaves(state.history)} == {(3,)}
+  assert {p.dtype for p in jax.tree.leaves(state.previous)} == {jnp.dtype(jnp.float32)}
+
+
+def test_an_injected_learning_rate_changes_without_recompiling():
+  """-lr * grad for the SGD group (no momentum, no decay); the Ricci group's update is linear in lr once the
+  tentative step (flow_step, which defaults to the learning rate) is fixed."""
+  params = {"kernel": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "bias": jnp.ones((4,))}
+  grads = {"kernel": jnp.linspace(0.5, -0.5, 12).reshape(3, 4), "bias": jnp.array([1.0, -2.0, 0.5, 3.0])}
+  injected = optax.inject_hyperparams(rj.rf_sgd)(learning_rate=0.1, momentum=None, weight_decay=0.0,
+                                                 flow_step=0.05)
+  traces = []
+
+  @jax.jit
+  def step(state):
+    traces.append(None)
+    return injected.update(grads, state, params, translated_grads=_translated(grads))
+
+  state = injected.init(params)
+  u_a, _ = step(state)
+  state.hyperparams["learning_rate"] = jnp.asarray(0.3, jnp.float32)  # the dtype the state holds: no retrace
+  u_b, _ = step(state)
+  assert len(traces) == 1
+  np.testing.assert_allclose(u_a["bias"], -0.1 * grads["bias"], rtol=1e-6)
+  np.testing.assert_allclose(u_b["bias"], -0.3 * grads["bias"], rtol=1e-6)
+  assert np.all(u_a["kernel"] != 0)
+  np.testing.assert_allclose(u_b["kernel"], 3.0 * u_a["kernel"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("routing", ROUTINGS)
