@@ -89,6 +89,14 @@ def quantize_tensor(
   The activation (``operand="act"``) is quantized as it is: a binarized input
   that is exactly 0 (common after a ReLU) keeps sign(0) = +1.
 
+  **A NaN is not pruned.** It is not 0, so it is quantized like any weight,
+  and the quantizers never map a NaN to a code (:mod:`ricci_jax.quantizers`):
+  sign (Eq. 37) keeps it at its position, Eq. 38 levels and DoReFa (one max
+  over the kernel) make the whole kernel NaN, ridge its block. A ``tensor`` /
+  ``channel`` scale is a mean|W| over the NaN (or an inf), so the whole kernel
+  / that output channel is NaN (or inf); pruned weights stay exactly 0. A loss
+  through the layer is then NaN: a corrupted checkpoint cannot train on unnoticed.
+
   Args:
     x: the operand (a kernel or an activation), in the dtype the op computes
       in (a weight is pruned when it is 0 in that dtype).

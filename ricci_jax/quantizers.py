@@ -17,6 +17,13 @@ Every quantizer here is a ``jax.custom_vjp`` whose forward is the discrete map
                        per-channel mean|W|.
 =====================  ======================================================
 
+**A NaN never becomes a code**, so a corrupted latent tensor shows up as a NaN
+loss instead of training on: sign and the staircase pass a NaN on at its
+position; a NaN or inf in Eq. 38's max|x| or a ridge block's min/max (a NaN
+in DoReFa's max|tanh w|) makes that scale non-finite, and its whole slice (the
+tensor for ``axis=None``) is NaN. Infinities are the formulas' limits where those exist:
+sign(+-inf) = +-1, the staircase's top level / 0, DoReFa's tanh(+-inf) = +-1.
+
 ``nm_sparsity_mask`` (the ridge code's N:M sparsity) lives in
 :mod:`ricci_jax.pruning.nm` and stays importable from here.
 """
@@ -76,8 +83,13 @@ def check_bits(bits) -> int:
 
 
 def sign(x: Array) -> Array:
-  """Sign that never returns 0: +1 for x >= 0, -1 otherwise (input dtype)."""
-  return jnp.where(x >= 0, 1, -1).astype(x.dtype)
+  """Sign that never returns 0: +1 for x >= 0, -1 otherwise (input dtype); NaN stays NaN.
+
+  RF-DNN Eq. 37 with sign(0) = +1. ``x >= 0`` is False for NaN, which would
+  read as -1, a valid code; NaN is passed on instead, as ``jnp.sign`` does.
+  """
+  s = jnp.where(x >= 0, 1, -1).astype(x.dtype)
+  return jnp.where(jnp.isnan(x), x, s)
 
 
 # ----------------------------------------------------------------------------
@@ -101,7 +113,8 @@ class _Forward:
     if self.kind == "uniform":
       n = 2.0**self.bits - 1.0
       mx = jnp.max(jnp.abs(xf), axis=self.axis, keepdims=True)
-      mx = jnp.maximum(mx, jnp.finfo(jnp.float32).tiny)
+      # a NaN or inf in the slice: an inf max would put every finite entry on the middle level
+      mx = jnp.where(jnp.isfinite(mx), jnp.maximum(mx, jnp.finfo(jnp.float32).tiny), jnp.nan)
       q = 2.0 / n * jnp.round(n * (xf / (2.0 * mx) + 0.5)) - 1.0
     elif self.kind == "staircase":
       q = self.alpha * jnp.clip(jnp.ceil(xf / self.alpha), 0.0, 2.0**self.bits - 1.0)
@@ -147,7 +160,7 @@ def _apply(forward: _Forward, x: Array, estimator: str, hparams: dict) -> Array:
 def binarize(x: Array, estimator: str = "clipped_ste", **hparams) -> Array:
   r"""Binarizes ``x`` to {-1, +1} (RF-DNN Eq. 37, :math:`Q_1(x) = \mathrm{sign}(x)`).
 
-  Forward: ``sign(x)`` with sign(0) = +1, never 0.
+  Forward: ``sign(x)`` with sign(0) = +1, never 0; a NaN stays NaN (:func:`sign`).
   Backward: ``g * mu'(x)`` for the estimator's surrogate derivative ``mu'``.
 
   Args:
@@ -171,7 +184,9 @@ def uniform(
 
   Forward: :math:`Q_k(x) = \frac{2}{2^k-1}\,\mathrm{round}\!\left[(2^k-1)\left(\frac{x}{2\max|x|}+\frac12\right)\right] - 1`,
   ``2^k`` levels uniform on [-1, 1] (k = 2 gives {-1, -1/3, 1/3, 1}); ties
-  round to even. ``bits = 1`` is :func:`binarize`.
+  round to even. ``bits = 1`` is :func:`binarize`. A NaN or inf in a slice
+  makes its max|x| non-finite, and the whole slice is NaN (no level is read
+  off a broken scale).
   Backward: ``g * mu'(x)`` (RF-DNN Eq. 25: the STE passes the gradient with
   respect to Q(x) straight to x; no 1/max|x| factor).
 
@@ -195,7 +210,8 @@ def dorefa_weights(w: Array, bits: int = 1, estimator: str = "ste", **hparams) -
 
   Forward: :math:`\tilde w = \tanh(w)/\max|\tanh(w)|` in [-1, 1], then
   :func:`binarize` (k = 1) or :func:`uniform` (k > 1, which on
-  :math:`\tilde w` is exactly DoReFa's k-bit quantizer).
+  :math:`\tilde w` is exactly DoReFa's k-bit quantizer). One NaN makes the
+  max NaN, so the whole tensor is NaN; tanh(+-inf) = +-1 saturates.
   Backward: through the tanh normalisation with the max held constant, then
   the estimator (identity by default):
   :math:`g \cdot \mu'(\tilde w)(1-\tanh^2 w)/\max|\tanh w|`. With the default
@@ -220,7 +236,7 @@ def staircase_relu(
   Forward: :math:`\alpha\,\mathrm{clip}(\lceil x/\alpha \rceil, 0, 2^b - 1)`,
   values :math:`\{0, \alpha, \dots, (2^b-1)\alpha\}`, with a fixed resolution
   ``alpha`` (default :data:`STAIRCASE_ALPHA`: 1.2221, 0.6511, 0.1946 for
-  b = 1, 2, 4).
+  b = 1, 2, 4). NaN stays NaN; +inf gives the top level, -inf 0.
   Backward: a coarse STE, ``identity`` (1), ``relu`` (1[x > 0]) or
   ``clipped_relu`` (1[0 < x <= (2^b - 1) alpha]). No gradient reaches alpha.
   """
@@ -292,7 +308,8 @@ def _quantize_with_detached_noise(x: Array, bits: int, affine: bool, axis: int) 
     bit q = sign(x) / 2).
 
   Either way dq/dx = 1 / s_f, and the integer grid makes lambda comparable
-  across layers (Var(q) is O(1) or more).
+  across layers (Var(q) is O(1) or more). A block whose min/max (or max|x|) is
+  NaN or inf has no scale: its q is NaN, never a code.
   """
   sg = jax.lax.stop_gradient
   levels = 2.0**bits
@@ -301,11 +318,13 @@ def _quantize_with_detached_noise(x: Array, bits: int, affine: bool, axis: int) 
     lo = sg(jnp.min(x, axis=axis, keepdims=True))
     hi = sg(jnp.max(x, axis=axis, keepdims=True))
     s = jnp.maximum((hi - lo) / (levels - 1.0), tiny)
+    s = jnp.where(jnp.isfinite(lo) & jnp.isfinite(hi), s, jnp.nan)
     fx = (x - lo) / s
     target = jnp.clip(jnp.round(fx), 0.0, levels - 1.0)
   else:
     half = levels / 2.0
-    s = jnp.maximum(sg(jnp.max(jnp.abs(x), axis=axis, keepdims=True)) / half, tiny)
+    mx = sg(jnp.max(jnp.abs(x), axis=axis, keepdims=True))
+    s = jnp.where(jnp.isfinite(mx), jnp.maximum(mx / half, tiny), jnp.nan)
     fx = x / s
     target = jnp.clip(jnp.floor(fx) + 0.5, -(half - 0.5), half - 0.5)
   return fx + sg(target - fx)

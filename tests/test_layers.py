@@ -208,3 +208,54 @@ def test_configs_are_hashable_and_normalise_hparams():
   b = rj.TensorQuant(estimator="reste", hparams=(("t", 1.5), ("o", 2.0)))
   assert a == b and hash(a) == hash(b)
   assert a.hparams_dict == {"o": 2.0, "t": 1.5}
+
+
+# ---------------------------------------------------------------------------
+# A NaN latent weight is not pruned and never becomes a code.
+# ---------------------------------------------------------------------------
+
+NAN_SPECS = [  # (bits, method, scale, the output columns the NaN at kernel[2, 1] reaches)
+    (1, "uniform", "none", [1]), (1, "uniform", "channel", [1]), (1, "uniform", "tensor", [0, 1, 2, 3]),
+    (3, "uniform", "none", [0, 1, 2, 3]), (2, "uniform", "channel", [0, 1, 2, 3]),
+    (1, "dorefa", "none", [0, 1, 2, 3]), (2, "ridge", "none", [1]),
+]
+
+
+@pytest.mark.parametrize("bits,method,scale,cols", NAN_SPECS, ids=lambda v: str(v))
+def test_a_nan_latent_weight_makes_the_outputs_it_reaches_nan(bits, method, scale, cols):
+  """Sign: the NaN's output column; Eq. 38, DoReFa and the tensor scale: every column (one max or
+  mean|W| over the kernel); the channel scale and ridge (blocks per output column): its column."""
+  rng = np.random.default_rng(0)
+  k = rng.normal(size=(6, 4)).astype(np.float32)
+  k[2, 1], k[4, 3] = np.nan, 0.0  # a corrupted weight and a pruned one
+  x = rng.uniform(0.5, 1.5, (5, 6)).astype(np.float32) * rng.choice([-1, 1], (5, 6))
+  spec = rj.TensorQuant(bits=bits, method=method, estimator="ste", scale=scale, ridge_block_size=None)
+  layer = rj.QuantDense(4, quant=rj.QuantConfig(weight=spec))
+  params = {"kernel": jnp.asarray(k), "bias": jnp.zeros(4)}
+  y = np.asarray(layer.apply({"params": params}, jnp.asarray(x)))
+  nan_cols = np.zeros(4, bool)
+  nan_cols[cols] = True
+  np.testing.assert_array_equal(np.isnan(y), np.broadcast_to(nan_cols, y.shape))
+  q = np.asarray(layers.quantize_tensor(jnp.asarray(k), spec, (0,)))
+  assert np.isnan(q[2, 1]) and q[4, 3] == 0.0  # a NaN is not 0: not pruned; the pruned weight stays 0
+  if bits == 1 and method == "uniform":  # the healthy columns: x sign(W) (times mean|W| per column)
+    s = np.where(k == 0, 0.0, np.where(k >= 0, 1.0, -1.0))
+    if scale == "channel":
+      s = s * np.mean(np.abs(k), axis=0, keepdims=True)
+    np.testing.assert_allclose(y[:, ~nan_cols], (x.astype(np.float64) @ s)[:, ~nan_cols], rtol=1e-5)
+  target = jnp.zeros_like(jnp.asarray(y))
+  loss = lambda p: jnp.sum((layer.apply({"params": p}, jnp.asarray(x)) - target) ** 2)  # noqa: E731
+  assert np.isnan(float(loss(params)))
+  g = jax.grad(loss)(params)
+  assert g["kernel"].shape == k.shape
+
+
+def test_a_nan_in_a_conv_kernel_makes_its_output_channel_nan():
+  x = jax.random.normal(jax.random.key(9), (2, 6, 6, 3))
+  layer = rj.QuantConv(4, (3, 3), quant=W1)
+  v = _init(layer, x)
+  k = v["params"]["kernel"]
+  y_clean = np.asarray(layer.apply(v, x))
+  y = np.asarray(layer.apply({"params": {**v["params"], "kernel": k.at[0, 2, 1, 3].set(jnp.nan)}}, x))
+  assert np.all(np.isnan(y[..., 3]))  # every window meets the NaN (NaN times a padded 0 is NaN)
+  np.testing.assert_array_equal(y[..., :3], y_clean[..., :3])

@@ -296,3 +296,167 @@ def test_ridge_bad_input(kwargs, match):
   kwargs.setdefault("block_size", None)
   with pytest.raises(ValueError, match=match):
     rj.ridge_dequantize(x, 2, axis=0, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Non-finite inputs: a NaN is never mapped to a code.
+# ---------------------------------------------------------------------------
+
+
+def _special_rows(dtype):
+  """(4, 16) values of ``dtype`` as float64: row 0 finite (with +0 and -0), row 1 a NaN,
+  row 2 +inf, row 3 -inf and a NaN.
+
+  Every row's max|x| is 2, a power of two: Eq. 38's x / (2 max|x|) is then exact in float32
+  as in float64, so the float64 reference meets the same rounding ties as the forward.
+  """
+  x = np.random.default_rng(12).uniform(-2, 2, (4, 16))
+  x[0, :2] = 0.0, -0.0
+  x[:, 15] = 2.0, -2.0, 2.0, -2.0
+  x[1, 3] = np.nan
+  x[2, 5] = np.inf
+  x[3, 7], x[3, 9] = -np.inf, np.nan
+  return np.asarray(jnp.asarray(x, dtype)).astype(np.float64)
+
+
+def _sign_ref(x):
+  """RF-DNN Eq. 37 with sign(0) = +1, sign(+-inf) = +-1, NaN kept."""
+  return np.where(np.isnan(x), np.nan, np.where(x >= 0, 1.0, -1.0))
+
+
+def _eq38_ref(x, k):
+  """RF-DNN Eq. 38 over the whole of ``x``; NaN everywhere when max|x| is not finite.
+
+  The level index is found in float64; the level 2/n i - 1 is evaluated in float32, as the forward does."""
+  n = 2**k - 1
+  m = np.max(np.abs(x))
+  if not np.isfinite(m):
+    return np.full(x.shape, np.nan)
+  i = np.round(n * (x / (2 * m) + 0.5))
+  return (np.float32(2 / n) * i.astype(np.float32) - np.float32(1)).astype(np.float64)
+
+
+def _dorefa_ref(x, k, dtype):
+  """tanh(w) / max|tanh(w)| (rounded to ``dtype`` as the forward computes it there), then Eq. 37 / 38."""
+  with np.errstate(invalid="ignore"):
+    t = np.tanh(x).astype(dtype).astype(np.float32)
+    m = np.max(np.abs(t))
+    if not np.isfinite(m):
+      return np.full(x.shape, np.nan)
+    wt = (t / m).astype(dtype).astype(np.float64)
+  return _sign_ref(wt) if k == 1 else _eq38_ref(wt, k)
+
+
+def _staircase_ref(x, bits, alpha):
+  """alpha * clip(ceil(x / alpha), 0, 2^b - 1): +inf saturates at the top level, -inf at 0, NaN kept."""
+  i = np.clip(np.ceil(x / alpha), 0, 2**bits - 1)
+  return np.where(np.isnan(x), np.nan, np.float32(alpha) * i.astype(np.float32))
+
+
+def _nonfinite_cases():
+  cases = []
+  for i, est in enumerate(rj.ESTIMATORS):
+    cases.append(("binarize", est, 1))
+    cases.append(("uniform", est, (2, 3, 4, 8)[i % 4]))
+    cases.append(("dorefa", est, (1, 2, 3)[i % 3]))
+  cases += [("staircase", est, bits) for est, bits in zip(quantizers.COARSE_ESTIMATORS, (1, 2, 4))]
+  return cases
+
+
+def _quantizer_and_reference(kind, est, bits, dtype):
+  """The quantizer, its elementwise-or-global NumPy reference and the estimator's hparams."""
+  if kind == "binarize":
+    return (lambda x: rj.binarize(x, est)), _sign_ref, {}
+  if kind == "uniform":
+    return (lambda x: rj.uniform(x, bits, est)), (lambda x: _eq38_ref(x, bits)), {}
+  if kind == "dorefa":
+    return (lambda x: rj.dorefa_weights(x, bits, est)), (lambda x: _dorefa_ref(x, bits, dtype)), None
+  alpha = quantizers.STAIRCASE_ALPHA[bits]
+  hp = {"upper": (2**bits - 1) * alpha} if est == "clipped_relu" else {}
+  return (lambda x: rj.staircase_relu(x, bits, estimator=est)), (lambda x: _staircase_ref(x, bits, alpha)), hp
+
+
+def _assert_codes(got, want, dtype, exact=True):
+  """NaN exactly where ``want`` is NaN; the other values equal (or within an ulp of ``dtype``, under jit)."""
+  assert got.dtype == dtype
+  got = np.asarray(got).astype(np.float64)
+  want = np.asarray(want, np.float32).astype(dtype).astype(np.float64)
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+  if exact:
+    np.testing.assert_array_equal(got, want)
+  else:  # XLA may fuse the level's 2/n i - 1 into one multiply-add under jit: an ulp of 1
+    eps = float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(got, want, rtol=eps, atol=eps)
+
+
+@pytest.mark.parametrize("kind,est,bits", _nonfinite_cases(), ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_nan_in_gives_nan_out_and_finite_values_are_unchanged(kind, est, bits, dtype):
+  """README, non-finite inputs: NaN stays NaN (sign, staircase: at its position; Eq. 38 and DoReFa: the
+  whole max slice); +-inf are the formulas' limits except inside Eq. 38's max|x|, which makes the slice NaN."""
+  fn, ref, hp = _quantizer_and_reference(kind, est, bits, dtype)
+  x = _special_rows(dtype)
+  xj = jnp.asarray(x, dtype)
+  rows = np.stack([ref(r) for r in x])  # each row its own tensor
+  _assert_codes(fn(xj), ref(x), dtype)  # the whole tensor: global max for Eq. 38 / DoReFa
+  _assert_codes(fn(xj[0]), rows[0], dtype)
+  _assert_codes(jax.vmap(fn)(xj), rows, dtype)
+  _assert_codes(jax.jit(fn)(xj), ref(x), dtype, exact=False)
+  if kind in ("binarize", "staircase"):
+    assert np.all(np.isnan(rows[1:]) == np.isnan(x[1:]))  # at the NaNs' positions only
+  elif kind == "uniform":  # an inf max|x| as well as a NaN one: the whole slice
+    assert np.all(np.isnan(rows[1:])) and not np.any(np.isnan(rows[0]))
+  else:  # DoReFa: tanh(+inf) = 1 saturates to the top level; a NaN takes the whole tensor
+    assert np.all(np.isnan(rows[[1, 3]])) and not np.any(np.isnan(rows[[0, 2]])) and rows[2, 5] == 1.0
+  if kind == "uniform":  # one max per row
+    _assert_codes(rj.uniform(xj, bits, est, axis=1), rows, dtype)
+  c = np.random.default_rng(13).choice([-2.0, -0.5, 1.0, 3.0], x.shape).astype(np.float32)
+  g = jax.grad(lambda x: jnp.sum(fn(x).astype(jnp.float32) * c))(xj)
+  assert g.dtype == dtype and g.shape == x.shape
+  if hp is not None:  # the estimator's surrogate, whatever it gives at NaN and inf
+    want = (c * np.asarray(rj.ESTIMATORS[est](jnp.asarray(x, jnp.float32), **hp))).astype(dtype)
+    np.testing.assert_allclose(np.asarray(g, np.float32), want.astype(np.float32), rtol=1e-6)
+
+
+def test_sign_keeps_zero_infinities_integers_and_float16():
+  x = jnp.array([0.0, -0.0, np.inf, -np.inf, np.nan, -2.5], jnp.float16)
+  out = quantizers.sign(x)
+  assert out.dtype == jnp.float16
+  np.testing.assert_array_equal(np.asarray(out, np.float64), [1, 1, 1, -1, np.nan, -1])
+  np.testing.assert_array_equal(quantizers.sign(jnp.array([0, -3, 2])), [1, -1, 1])
+  u = rj.uniform(jnp.array([0.5, np.inf, -0.25], jnp.float16), 2)
+  assert u.dtype == jnp.float16 and np.all(np.isnan(np.asarray(u, np.float32)))
+  s = rj.staircase_relu(jnp.array([np.nan, np.inf, -np.inf], jnp.float16), 2)
+  np.testing.assert_array_equal(np.asarray(s, np.float32), [np.nan, np.float16(3 * 0.6511), 0])
+
+
+@pytest.mark.parametrize("affine,sparsity", [(True, None), (False, None), (True, "2:4")])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_ridge_blocks_with_a_nan_or_inf_are_nan(affine, sparsity, dtype):
+  """A block whose min/max (max|x|) is not finite has no scale: q and y are NaN there, never codes."""
+  x = np.asarray(jnp.asarray(np.random.default_rng(14).normal(size=(16, 3)) + 0.3, dtype)).astype(np.float64)
+  x[1, 0], x[6, 1], x[13, 2] = np.nan, np.inf, -np.inf  # blocks of 4 along axis 0: (0, 0), (1, 1), (3, 2)
+  bad = np.zeros((4, 4, 3), bool)
+  bad[0, :, 0] = bad[1, :, 1] = bad[3, :, 2] = True
+  fn = lambda x: rj.ridge_dequantize(x, 2, axis=0, block_size=4, affine=affine, sparsity=sparsity)  # noqa: E731
+  xj = jnp.asarray(x, dtype)
+  for y in (fn(xj), jax.jit(fn)(xj), jax.vmap(fn)(jnp.stack([xj, xj]))[1]):
+    assert y.dtype == dtype
+    y = np.asarray(y, np.float32).reshape(4, 4, 3)
+    np.testing.assert_array_equal(np.isnan(y), bad)
+  q = np.asarray(quantizers.ridge_quantize(jnp.asarray(x, jnp.float32).reshape(4, 4, 3), 2, affine=affine,
+                                           sparsity=sparsity, axis=1))
+  np.testing.assert_array_equal(np.isnan(q), bad)
+  grid = q[~bad] if affine else q[~bad] + 1.5
+  assert np.array_equal(grid, np.round(grid)) and grid.min() >= 0 and grid.max() <= 3
+  if sparsity is None:  # the healthy blocks: the closed form, in float64
+    y = np.asarray(fn(xj), np.float32).reshape(4, 4, 3)
+    xb = x.reshape(4, 4, 3)
+    for b in range(4):
+      for col in range(3):
+        if not bad[b, 0, col]:
+          want = _ridge_reference(xb[b, :, col:col + 1], q[b, :, col:col + 1], 0.01, affine)[:, 0]
+          np.testing.assert_allclose(y[b, :, col], want, rtol=2e-4 if dtype == jnp.float32 else 1e-2, atol=2e-5)
+  g = jax.grad(lambda x: jnp.sum(fn(x).astype(jnp.float32) ** 2))(xj)
+  assert g.dtype == dtype and g.shape == x.shape
+  assert np.all(np.isfinite(np.asarray(g, np.float32).reshape(4, 4, 3)[~bad]))
