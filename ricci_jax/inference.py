@@ -1,4 +1,4 @@
-"""Serving a packed model: the training model's eval-mode logits, exactly, from the packed file.
+"""Serving a packed model: the training model's jitted eval-mode logits, bit for bit, from the packed file.
 
 :class:`Predictor` runs the model's own Flax forward pass with one change:
 kernels are not quantized again, because they arrive quantized. It rebuilds
@@ -11,10 +11,15 @@ activations are quantized exactly as in training (the same
 Because :func:`ricci_jax.export.pack` checks that every rebuilt kernel is bit
 for bit the one the training forward computes, and the serving model is the
 training model's own code with the weight quantizer switched off, the logits
-are *equal* (not close) to ``model.apply(variables, x, train=False)`` of the
-training model on the same backend (tested on CPU, on real Fashion-MNIST and
-mock CIFAR-10; untested on GPU, where XLA autotunes conv algorithms per
-program and might pick different ones for the two).
+are *equal* (not close) to the training model's **jitted** eval-mode forward,
+``jax.jit(functools.partial(model.apply, train=False))(variables, x)``, on the
+same backend (tested on CPU, on real Fashion-MNIST and mock CIFAR-10;
+untested on GPU, where XLA autotunes conv algorithms per program and might
+pick different ones for the two). That jitted call is the reference because
+the Predictor's forward is one jitted program too: an eager
+``model.apply(variables, x, train=False)`` runs op by op, and XLA fuses and
+rounds a jitted program's float arithmetic (BatchNorm's, for one)
+differently, so eager logits can differ from both in the last bits.
 
 How the weight quantizer is switched off: the serving model is the training
 model cloned with a :class:`~ricci_jax.models.QuantRule` whose overrides give
@@ -27,8 +32,27 @@ activation quantizer and no weight quantizer. It therefore needs a model of
 in eval mode whose quantizing ops keep only the input quantizer
 (:func:`ricci_jax.nnx.describe.serving_model`), merged inside the jitted
 forward with the rebuilt kernels; the logits equal the jitted eval-mode
-forward of the model (an op-by-op call rounds BatchNorm differently). The NNX
-zoo is rebuilt from the file; a user's own class is passed as ``model=``.
+forward of the model, ``nnx.jit(lambda m, x: m(x))(model, x)`` after
+``model.eval()``, bit for bit on the same backend (an op-by-op call rounds
+BatchNorm differently). The NNX zoo is rebuilt from the file; a user's own
+class is passed as ``model=``.
+
+**What a Predictor accepts.** A model given as ``model=`` must be the packed
+one: for Linen the same class, attributes and rule as the file's
+description, for NNX the same class and layers (float, or quantized by the
+same rule); either way its variables must have the packed tensors' shapes.
+Inputs are checked before the jitted call, by shape and dtype only (no device
+sync, no change to the values): a batch ``(N, *input_shape)`` of the packed
+model's one-example shape (a single example without its batch axis is
+refused, not guessed at: ``x[None]`` serves it), of a floating dtype (the
+training pipeline feeds float32 from :func:`ricci_jax.data.preprocess`; other
+float widths are cast as the layers cast them). Integer or boolean inputs are
+refused: raw ``uint8`` pixels would be served as values 0..255, not the
+normalised inputs the model was trained on. Values are not checked: a NaN or
+inf in the input is the caller's data, served as the jitted training model
+would serve it (what a NaN becomes depends on the layers it meets). Every bad
+input raises a one-line ``ValueError`` (:class:`~ricci_jax.export.PackedFileError`
+for a file or model that does not fit) that says what was expected.
 
 **XOR-popcount layers** (``xnor``, on by default on CPU; :mod:`ricci_jax.xnor`),
 in Linen and NNX models alike: a conv or dense layer whose kernel *and* input
@@ -75,6 +99,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -87,7 +112,8 @@ import numpy as np
 from flax import nnx
 
 from ricci_jax import export
-from ricci_jax.models import QuantRule, inspect
+from ricci_jax.export.errors import one_line
+from ricci_jax.models import QuantRule, inspect, serialization
 from ricci_jax.nnx import describe
 from ricci_jax.nnx import xnor as nnx_xnor
 from ricci_jax.quant_config import QuantConfig
@@ -147,6 +173,62 @@ def serving_model(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
   return serving
 
 
+def description_differences(description: Mapping[str, Any], model: nn.Module) -> list[str]:
+  """How ``model`` differs from a packed Linen model's description: class, attributes, rule (empty: none)."""
+  try:
+    mine = json.loads(json.dumps(serialization.describe_model(model)))
+  except serialization.DescriptionError as e:
+    return [str(e)]
+  theirs = json.loads(json.dumps(description))
+  if mine["class"] != theirs.get("class"):
+    return [f"the packed model is a {theirs.get('class')}, model= is a {mine['class']}"]
+  attrs, packed_attrs = mine["attrs"], theirs.get("attrs") or {}
+  out = [f"{k}={attrs.get(k)!r} (packed: {packed_attrs.get(k)!r})"
+         for k in sorted(set(attrs) | set(packed_attrs)) if attrs.get(k) != packed_attrs.get(k)]
+  rule, packed_rule = mine["quant"], theirs.get("quant")
+  if rule != packed_rule:
+    if rule is None or packed_rule is None:
+      out.append(f"quant={'None' if rule is None else 'a QuantRule'} (packed: "
+                 f"{'None' if packed_rule is None else 'a QuantRule'})")
+    else:
+      fields = sorted(k for k in set(rule) | set(packed_rule) if rule.get(k) != packed_rule.get(k))
+      out.append(f"another quant rule (differing in {', '.join(fields)})")
+  return out
+
+
+def linen_model(packed: export.Packed, model: Any = None) -> nn.Module:
+  """The training model of a packed Linen model: rebuilt from its description, or ``model`` checked against it.
+
+  Raises:
+    export.PackedFileError: ``model`` is not a Linen module, or not the
+      packed one (another class, other attributes or another rule than the
+      file's description); a model that cannot take the packed input shape,
+      or whose variables do not have the packed tensors' shapes (a header
+      edited by hand, or a user's class whose code changed since packing).
+  """
+  if model is None:
+    model = packed.build_model()
+  elif not isinstance(model, nn.Module):
+    raise export.PackedFileError(f"model= must be the packed model, a flax.linen.Module "
+                                 f"({packed.model.get('class')}), got a {type(model).__name__}")
+  elif differ := description_differences(packed.model, model):
+    raise export.PackedFileError(f"model= is not the packed model: {'; '.join(differ)}; pass the model it was "
+                                 "packed from (or none: a model of ricci_jax.models is rebuilt from the file)")
+  shape = tuple(packed.input_shape)
+  try:
+    abstract = inspect.abstract_variables(model, shape)
+  except Exception as e:  # noqa: BLE001 - whatever Flax or JAX raised while tracing, named on one line
+    raise export.PackedFileError(f"the model ({type(model).__name__}) cannot take the packed input shape {shape} "
+                                 f"({one_line(e)})") from None
+  want = {f"{c}/{k}": tuple(v.shape) for c in inspect.COLLECTIONS for k, v in inspect.flatten(abstract.get(c)).items()}
+  have = {k: tuple(t.shape) for k, t in packed.tensors.items()}
+  if want != have:
+    differ = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    raise export.PackedFileError(f"the packed tensors do not fit the model ({type(model).__name__}): "
+                                 f"{inspect.listing([f'{k} {have.get(k)} (model: {want.get(k)})' for k in differ])}")
+  return model
+
+
 def rebuild_variables(tensors: Mapping[str, export.PackedTensor],
                       arrays: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, Any]:
   """``{"params": ..., "batch_stats": ...}`` from packed tensors (pure JAX, jit-able)."""
@@ -195,12 +277,16 @@ def nnx_serving(packed: export.Packed, model: Any, xnor: bool
 
   Raises:
     export.PackedFileError: the file is not of an NNX model, a user's model
-      without ``model``, a ``model`` of another class or layers, or whose
-      variables do not fit the packed tensors.
+      without ``model``, a ``model`` that is a Linen module or of another
+      class or layers, or whose variables do not fit the packed tensors.
   """
   if not describe.is_description(packed.model):
     raise export.PackedFileError(f"model= is a Flax NNX module but the packed model is a Linen "
                                  f"{packed.model.get('class')!r}; pass its Linen model or none")
+  if isinstance(model, nn.Module):
+    raise export.PackedFileError(f"model= is a Flax Linen module ({type(model).__name__}) but the packed model is "
+                                 f"a Flax NNX {packed.model.get('class')}; pass an instance of that NNX class "
+                                 "(or none for the NNX zoo)")
   training = packed.build_model(model)
   want = {f"{c}/{k}": tuple(v.shape) for c, leaves in describe.abstract_variables(training).items()
           for k, v in leaves.items()}
@@ -215,7 +301,7 @@ def nnx_serving(packed: export.Packed, model: Any, xnor: bool
 
 
 class Predictor:
-  """Eval-mode logits of a packed model.
+  """Eval-mode logits of a packed model: the training model's jitted ones, bit for bit (module docstring).
 
   Args:
     packed: a :class:`ricci_jax.export.Packed` or the path of a packed file.
@@ -234,6 +320,12 @@ class Predictor:
       the packed bits (``None``, the default: on the CPU backend, where it is
       faster; ``False``: every layer through its own op on unpacked kernels;
       see the module docstring).
+
+  Raises:
+    export.PackedFileError: a file that cannot be read
+      (:func:`ricci_jax.export.load`), or a ``model`` that is not the packed
+      one (:func:`linen_model`, :func:`nnx_serving`).
+    ValueError: an unknown ``unpack`` mode.
 
   Attributes:
     model: the training model.
@@ -261,7 +353,7 @@ class Predictor:
     if describe.is_description(packed.model) or isinstance(model, nnx.Module):
       self.model, self.serving, self.xnor_layers, self._nnx_apply = nnx_serving(packed, model, xnor)
     else:
-      self.model = packed.build_model() if model is None else model
+      self.model = linen_model(packed, model)
       self.serving = serving_model(self.model, self.input_shape)
       self.xnor_layers = xnor_layers(self.model, self.input_shape) if xnor else {}
     xnor_keys = {f"params/{p}/kernel" for p in self.xnor_layers}
@@ -299,9 +391,34 @@ class Predictor:
     with nn.intercept_methods(intercept):
       return self.serving.apply(variables, x, train=False)
 
+  def check_input(self, x: Any) -> Any:
+    """``x`` if it is a batch the packed model takes (module docstring), a list made an array; shape and dtype only.
+
+    Raises:
+      ValueError: a shape other than ``(N, *input_shape)`` (a single example
+        without its batch axis among them), or a dtype that is not floating.
+    """
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+      x = np.asarray(x)
+    shape = tuple(x.shape)
+    if shape[1:] != self.input_shape:
+      single = "; a single example needs its batch axis: x[None]" if shape == self.input_shape else ""
+      raise ValueError(f"Predictor expects images of shape (N, {', '.join(map(str, self.input_shape))}) (the packed "
+                       f"model's input), got {shape}{single}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raw = " (raw pixels? preprocess them as in training: ricci_jax.data.preprocess)" if jnp.issubdtype(
+          x.dtype, jnp.integer) else ""
+      raise ValueError(f"Predictor expects preprocessed images of a float dtype (float32, as ricci_jax.data.preprocess "
+                       f"gives; other float widths are cast by the layers), got {np.dtype(x.dtype).name}{raw}")
+    return x
+
   def __call__(self, x: jax.Array) -> jax.Array:
-    """Logits for a batch ``x`` of preprocessed inputs, exactly as the training model's in eval mode."""
-    return self._forward(self.arrays, x)
+    """Logits for a batch ``x`` of preprocessed inputs: the training model's jitted eval-mode logits, bit for bit.
+
+    Raises:
+      ValueError: ``x`` is not a batch the packed model takes (:meth:`check_input`).
+    """
+    return self._forward(self.arrays, self.check_input(x))
 
   @property
   def resident_nbytes(self) -> int:
@@ -309,8 +426,11 @@ class Predictor:
     return sum(int(a.nbytes) for a in jax.tree.leaves(self.arrays))
 
   def compiled(self, x: jax.Array) -> Any:
-    """The compiled forward for ``x``'s shape (for ``memory_analysis()`` and ``cost_analysis()``)."""
-    return self._forward.lower(self.arrays, x).compile()
+    """The compiled forward for ``x``'s shape (for ``memory_analysis()`` and ``cost_analysis()``).
+
+    ``x`` is an array or a ``jax.ShapeDtypeStruct``, checked as for a call (:meth:`check_input`).
+    """
+    return self._forward.lower(self.arrays, self.check_input(x)).compile()
 
 
 def device_variables(variables: Mapping[str, Any]) -> dict[str, Any]:

@@ -202,6 +202,25 @@ def test_params_that_do_not_match_the_model_are_refused():
   assert packed.tensors["params/conv1/kernel"].kind == "levels"
 
 
+@pytest.mark.parametrize("layer,bad", [("dense1", np.nan), ("dense2", np.nan), ("dense2", np.inf)])
+def test_a_quantized_kernel_with_a_nan_or_inf_latent_weight_is_refused(layer, bad):
+  """A corrupted kernel is refused by name, in one line: sign(+inf) = +1 would otherwise be stored as a valid bit."""
+  model = _mixed_mlp()  # dense1: 2 bits, channel scale; dense2: 1-bit DoReFa (tanh(inf) = 1)
+  variables = jax.tree.map(np.array, inspect.random_variables(model, (28, 28, 1)))
+  variables["params"][layer]["kernel"][3, 5] = bad
+  with pytest.raises(export.ExportError) as info:
+    export.pack(variables, model)
+  message = str(info.value)
+  assert message.startswith(f"{layer}/kernel: 1 of ") and "NaN or inf" in message and "\n" not in message
+
+
+def test_a_kernel_is_checked_for_infinities_in_its_compute_dtype():
+  k = np.array([[1.0, -2.0, 3.0], [1e5, 1.0, 2.0]], np.float32)  # 1e5 is inf in float16
+  assert export.pack_kernel(k, W1, jnp.float32).exact
+  with pytest.raises(export.ExportError, match=r"^kernel: 1 of 6 latent weights are NaN or inf \(in float16\)"):
+    export.pack_kernel(k, W1, jnp.float16)
+
+
 # ----------------------------------------------------------------------------
 # Bad files
 # ----------------------------------------------------------------------------

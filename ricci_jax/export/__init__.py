@@ -55,9 +55,12 @@ Everything else (the first and last layers when they are float, biases,
 BatchNorm's scale, bias and running statistics) is stored as it is. Nothing is
 approximated: :func:`pack` rebuilds every kernel from what it stored and checks
 it is *bit for bit* the kernel the training forward computes
-(:func:`ricci_jax.layers.quantize_tensor`), and fails if not, so a model served
-from the packed file (:mod:`ricci_jax.inference`) gives exactly the training
-model's eval-mode logits.
+(:func:`ricci_jax.layers.quantize_tensor`, jitted), and fails if not, so a
+model served from the packed file (:mod:`ricci_jax.inference`) gives the
+training model's jitted eval-mode logits bit for bit:
+``jax.jit(functools.partial(model.apply, train=False))(variables, x)`` on the
+same backend. (Not the eager ``model.apply``: run op by op, XLA rounds some
+float arithmetic, BatchNorm's for one, differently from a jitted program.)
 
 Which model, and how it is quantized, is the model passed to :func:`pack`
 (a ``flax.linen.Module`` from :mod:`ricci_jax.models`, with its own

@@ -6,7 +6,10 @@ shape, dtype, quantizer and byte ranges), and ``data``, every array's
 little-endian bytes back to back. The header records the data's length and
 CRC-32 and each array's offset and length; a file of another version, a
 truncated or corrupted file, or packed words with bits set past the last value
-fail with a clear :class:`~ricci_jax.export.PackedFileError`.
+fail with a clear :class:`~ricci_jax.export.PackedFileError`: one line that
+names the file and what is wrong with it (a failure inside the ``.npz``
+container itself, which has its own CRC-32 per member, is reported the same
+way, whatever NumPy's or ``zipfile``'s exception was).
 
 Pruned kernels (:mod:`ricci_jax.export.tensors`) need no new version: such a
 tensor's header entry adds ``"pruned": p`` (the count of its pruned weights)
@@ -24,7 +27,7 @@ from __future__ import annotations
 import io
 import json
 import math
-import zipfile
+import os
 import zlib
 from typing import Any
 
@@ -32,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ricci_jax.export.bits import num_words, word_layout
-from ricci_jax.export.errors import PackedFileError
+from ricci_jax.export.errors import PackedFileError, one_line
 from ricci_jax.export.tensors import KINDS, Packed, PackedTensor, ridge_blocks
 from ricci_jax.models import serialization
 
@@ -83,14 +86,49 @@ def save(packed: Packed, path: Any) -> int:
   return len(payload)
 
 
+ZIP_MAGIC = b"PK\x03\x04"
+"""The first bytes of a ``.npz`` (zip) archive."""
+
+NPY_MAGIC = b"\x93NUMPY"
+"""The first bytes of a single ``.npy`` array."""
+
+
+def _check_header(where: str, header: dict[str, Any]) -> None:
+  """The header's top-level fields (a version-1 header's: the version is checked first)."""
+  problems = [f"no {k!r}" for k in ("model", "input_shape", "tensors", "data") if k not in header]
+  if not problems:
+    shape, data = header["input_shape"], header["data"]
+    if not isinstance(header["model"], dict):
+      problems.append(f"'model' is a {type(header['model']).__name__}, not an object")
+    if not isinstance(header["tensors"], dict):
+      problems.append(f"'tensors' is a {type(header['tensors']).__name__}, not an object")
+    if not (isinstance(shape, list) and shape and all(type(d) is int and d > 0 for d in shape)):
+      problems.append(f"'input_shape' is {shape!r}, not a list of positive integers")
+    if not (isinstance(data, dict) and all(type(data.get(k)) is int for k in ("nbytes", "crc32"))):
+      problems.append(f"'data' is {data!r}, not {{'nbytes': int, 'crc32': int}}")
+  if problems:
+    raise PackedFileError(f"{where!r}: the header is malformed ({'; '.join(problems)}): the file is corrupted "
+                          "or was not written by ricci_jax.export.save")
+
+
 def _read(path: Any) -> tuple[dict[str, Any], bytes]:
-  """The checked header (format, version) and the data (length, CRC-32) of a packed file."""
-  where = str(path)
+  """The checked header (format, version, fields) and the data (length, CRC-32) of a packed file."""
+  if not isinstance(path, (str, bytes, os.PathLike)):
+    raise PackedFileError(f"a packed model is read from its file's path (str or os.PathLike), got a "
+                          f"{type(path).__name__}; variables are packed first: ricci_jax.export.pack(variables, model)")
+  where = os.fsdecode(path)
   try:
     with open(path, "rb") as f:
       raw = f.read()
   except OSError as e:
-    raise PackedFileError(f"cannot read {where!r}: {e}") from None
+    raise PackedFileError(f"cannot read {where!r}: {one_line(e)}") from None
+  if raw.startswith(NPY_MAGIC):
+    raise PackedFileError(f"{where!r} is a .npy array, not a complete packed model (a .npz archive holding "
+                          "'header' and 'data', written by ricci_jax.export.save)")
+  if not raw.startswith(ZIP_MAGIC):
+    raise PackedFileError(f"{where!r} ({len(raw)} bytes) is not a complete packed model: a packed file is a .npz "
+                          f"(zip) archive, which starts with {ZIP_MAGIC!r}, and this one starts with {raw[:4]!r} "
+                          "(empty, damaged at its start, or a file of another kind)")
   try:
     with np.load(io.BytesIO(raw), allow_pickle=False) as z:
       names = set(z.files)
@@ -100,21 +138,25 @@ def _read(path: Any) -> tuple[dict[str, Any], bytes]:
       header_bytes, blob = z["header"], z["data"]
   except PackedFileError:
     raise
-  except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as e:
+  except Exception as e:  # noqa: BLE001 - zipfile and NumPy's parser raise many kinds on a damaged archive
     raise PackedFileError(
         f"{where!r} ({len(raw)} bytes) is not a complete packed model: the .npz archive cannot be read "
-        f"({type(e).__name__}: {e}); the file is truncated, corrupted or of another kind") from None
+        f"({one_line(e)}); the file is truncated, corrupted or of another kind") from None
   try:
     header = json.loads(zlib.decompress(header_bytes.tobytes()).decode("utf-8"))
-  except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise PackedFileError(f"{where!r}: the header cannot be decoded ({e}); the file is corrupted") from None
+  except (zlib.error, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    raise PackedFileError(f"{where!r}: the header cannot be decoded ({one_line(e)}); the file is corrupted") from None
   if not isinstance(header, dict) or header.get("format") != FORMAT:
     raise PackedFileError(f"{where!r} is not a {FORMAT} file (format {header.get('format')!r})"
                           if isinstance(header, dict) else f"{where!r}: the header is not a JSON object")
-  if header.get("version") != VERSION:
+  version = header.get("version")
+  if version != VERSION:
+    newer = type(version) is int and version > VERSION
     raise PackedFileError(
-        f"{where!r} was written in {FORMAT} format version {header.get('version')!r}; this ricci_jax reads "
-        f"version {VERSION} only. Re-export it with the ricci_jax that trained the model.")
+        f"{where!r} was written in {FORMAT} format version {version!r}; this ricci_jax reads version {VERSION} "
+        "only. " + ("A newer ricci_jax wrote it: read it with that one (or upgrade), or re-export the model with "
+                    "this one." if newer else "Re-export it with the ricci_jax that trained the model."))
+  _check_header(where, header)
   blob = blob.tobytes()
   expect = header["data"]
   if len(blob) != expect["nbytes"]:
@@ -176,11 +218,13 @@ def load(path: Any) -> Packed:
   """Reads a file :func:`save` wrote, checking everything it can.
 
   Raises:
-    PackedFileError: not a packed file, another format version, a truncated
-      or corrupted file (lengths and CRC-32), arrays whose count, shape or
-      dtype does not fit their tensor, or packed words with stray bits.
+    PackedFileError: not a path, not a packed file, another format version,
+      a truncated or corrupted file (lengths and CRC-32), a malformed header,
+      arrays whose count, shape or dtype does not fit their tensor, or packed
+      words with stray bits; always one line naming the file.
   """
   header, blob = _read(path)
+  where = os.fsdecode(path)
   tensors: dict[str, PackedTensor] = {}
   offset = 0
   try:
@@ -210,10 +254,10 @@ def load(path: Any) -> Packed:
       if tensor.kind != "float":
         _check_words(key, tensor)
       tensors[key] = tensor
-  except (KeyError, TypeError, ValueError) as e:
-    if isinstance(e, PackedFileError):
-      raise
-    raise PackedFileError(f"{str(path)!r}: the header is malformed ({type(e).__name__}: {e})") from None
+  except PackedFileError as e:  # a tensor's own message: name the file too
+    raise PackedFileError(f"{where!r}: {e}") from None
+  except (KeyError, TypeError, ValueError, AttributeError) as e:
+    raise PackedFileError(f"{where!r}: the header is malformed ({one_line(e)})") from None
   if offset != len(blob):
-    raise PackedFileError(f"{str(path)!r}: {len(blob) - offset} bytes of data belong to no array: corrupted file")
+    raise PackedFileError(f"{where!r}: {len(blob) - offset} bytes of data belong to no array: corrupted file")
   return Packed(model=header["model"], input_shape=tuple(header["input_shape"]), tensors=tensors)

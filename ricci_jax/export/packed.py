@@ -50,7 +50,8 @@ def pack(params: Any, model: nn.Module, *, batch_stats: Any = None, input_shape:
   Raises:
     ExportError: not a model, parameters that do not match the model
       (missing, extra or wrongly shaped leaves), a model outside the zoo
-      without ``input_shape``, or a kernel that cannot be stored exactly.
+      without ``input_shape``, a quantized kernel with a NaN or inf latent
+      weight, or a kernel that cannot be stored exactly.
   """
   if isinstance(model, nnx.Module):
     return pack_nnx(params, model, input_shape=input_shape, exact=exact)

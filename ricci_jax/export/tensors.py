@@ -36,7 +36,7 @@ import numpy as np
 from ricci_jax import layers, quantizers
 from ricci_jax.quant_config import TensorQuant
 from ricci_jax.export.bits import num_words, pack_indices, unpack_indices, word_layout
-from ricci_jax.export.errors import ExportError, PackedFileError
+from ricci_jax.export.errors import ExportError, PackedFileError, one_line
 from ricci_jax.models import serialization
 from ricci_jax.nnx import describe
 
@@ -141,17 +141,19 @@ class Packed:
     Raises:
       PackedFileError: a Linen class that is not one of :mod:`ricci_jax.models`;
         an NNX model outside the NNX zoo without ``model``, or a ``model``
-        that is not the packed one's class and layers.
+        that is not the packed one's class and layers; a description this
+        ricci_jax cannot build (an attribute or config field it does not
+        know: a file of another ricci_jax, or a hand-edited one).
     """
-    if describe.is_description(self.model):
-      try:
-        return describe.build_model(self.model, model)
-      except describe.StateError as e:
-        raise PackedFileError(str(e)) from None
     try:
+      if describe.is_description(self.model):
+        return describe.build_model(self.model, model)
       return serialization.model_from_description(self.model)
-    except serialization.DescriptionError as e:
+    except (describe.StateError, serialization.DescriptionError) as e:
       raise PackedFileError(str(e)) from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # the class or a config refused the description
+      raise PackedFileError(f"the packed model's description does not build a {self.model.get('class')} of this "
+                            f"ricci_jax ({one_line(e)}): the file was written by another ricci_jax or edited") from None
 
   def quantized(self) -> dict[str, PackedTensor]:
     """The quantized kernels by path."""
@@ -321,9 +323,12 @@ def pack_kernel(kernel: np.ndarray, spec: TensorQuant, dtype: Any = np.float32, 
       ridge is packed and checked to :data:`RIDGE_TOLERANCE`.
 
   Raises:
-    ExportError: a forward that cannot be stored exactly (ridge, unless
-      ``exact=False``; ridge linear with sparsity; bf16 levels that collide),
-      or a reconstruction that is not bit for bit the training forward's.
+    ExportError: a latent weight that is NaN or inf in ``dtype`` (a corrupted
+      or diverged checkpoint: its code would be garbage stored as a valid
+      level, e.g. sign(inf) = +1), a forward that cannot be stored exactly
+      (ridge, unless ``exact=False``; ridge linear with sparsity; bf16 levels
+      that collide), or a reconstruction that is not bit for bit the
+      training forward's.
   """
   dtype = np.dtype(jnp.dtype(dtype))
   shape = tuple(int(d) for d in np.shape(kernel))
@@ -331,6 +336,10 @@ def pack_kernel(kernel: np.ndarray, spec: TensorQuant, dtype: Any = np.float32, 
     raise ExportError(f"{name}: a kernel has at least 2 axes (inputs..., outputs), got shape {shape}")
   axes = contraction_axes(shape)
   x = jnp.asarray(kernel).astype(dtype)
+  bad = int(x.size - np.count_nonzero(np.asarray(jnp.isfinite(x))))
+  if bad:
+    raise ExportError(f"{name}: {bad} of {x.size} latent weights are NaN or inf (in {dtype.name}); a corrupted "
+                      "or diverged checkpoint is not packed, as its codes would be stored as valid levels")
   reference = np.asarray(_reference(x, spec, axes))
   kept = ~np.asarray(layers.pruned_mask(x)).reshape(-1)  # zeros in the dtype the forward sees
   pruned = int(kept.size - np.count_nonzero(kept))
