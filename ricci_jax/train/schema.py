@@ -4,14 +4,17 @@ A run is described by one ``ml_collections.ConfigDict`` whose keys are those
 of :func:`default_config` (config files in ``experiments/configs/`` start from
 it). :func:`apply_overrides` applies ``key=value`` overrides from the command
 line, and :func:`validate` rejects anything wrong before a single step runs:
-an unknown key (the error lists the valid ones), an unknown model, estimator,
-method or schedule, a batch size the devices cannot share, an output
+an unknown key (the error names the closest valid ones), a value outside its
+range (:data:`RANGES`: the key, the value and the allowed interval), an
+unknown model, estimator, method or schedule, an estimator hyperparameter the
+estimator does not have, a batch size the devices cannot share, an output
 directory that cannot be written.
 """
 
 from __future__ import annotations
 
 import ast
+import difflib
 import math
 import os
 import pathlib
@@ -23,8 +26,9 @@ import ml_collections
 from ricci_jax import data as data_lib
 from ricci_jax import lne, ricci_flow, transform
 from ricci_jax.quant_config import METHODS as QUANT_METHODS
-from ricci_jax.estimators import ESTIMATORS
+from ricci_jax.estimators import ESTIMATORS, get_estimator
 from ricci_jax.quantizers import SCALE_MODES, check_bits
+from ricci_jax.train.ranges import RANGES, check_ranges
 
 OPTIMIZERS = ("sgd", "rf_sgd", "adam")
 LR_SCHEDULES = ("multistep", "cosine", "constant")
@@ -137,17 +141,49 @@ def default_config() -> ml_collections.ConfigDict:
   c.plots = True
   c.stop_after_steps = 0  # > 0: stop (as if interrupted) after this many steps; for tests
   c.init_from = ""  # a finished run's workdir (e.g. a float run): its params and BN statistics start this run
+  c.allow_changes = ()  # keys of RESUMABLE_KEYS this invocation may change in a resumed run, e.g. ("epochs",)
   return c
 
 
-def _flatten_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+OPERATIONAL_KEYS = frozenset({
+    "name", "seeds", "progress", "plots", "stop_after_steps", "resume", "allow_changes", "keep_checkpoints",
+    "checkpoint_every_steps", "log_every_steps"})
+"""Keys that change how a run is shown, logged and checkpointed, never what it computes: not part of a run's
+identity (:mod:`ricci_jax.train.run_folder`)."""
+
+RESUMABLE_KEYS = frozenset({
+    "epochs", "max_consecutive_nonfinite", "eval_every_epochs", "last_epochs", "dnr.every_steps", "dnr.test"})
+"""Keys a resumed run may change when ``allow_changes`` names them (the change is recorded).
+
+``epochs`` lengthens (or shortens) the run; the learning-rate and estimator schedules, which are fractions
+of training, are then recomputed for the new length from the resumed step on: recorded, not hidden."""
+
+
+def flatten_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """The dotted names of every leaf key of ``cfg`` (``optimizer.learning_rate``, ...)."""
   keys = []
   for k, v in cfg.items():
     if isinstance(v, ml_collections.ConfigDict):
-      keys.extend(_flatten_keys(v, f"{prefix}{k}."))
+      keys.extend(flatten_keys(v, f"{prefix}{k}."))
     else:
       keys.append(prefix + k)
   return keys
+
+
+def unknown_key_error(key: str, valid: Sequence[str]) -> ValueError:
+  """``unknown config key 'epoch'; did you mean 'epochs'?``: the closest valid names, never the whole list.
+
+  Close by the whole dotted name (a typo) or by its last part (``learning_rate`` for
+  ``optimizer.learning_rate``, a key in the wrong section).
+  """
+  close = difflib.get_close_matches(key, valid, n=2, cutoff=0.75)
+  leaf = key.rsplit(".", 1)[-1]
+  by_leaf = {k.rsplit(".", 1)[-1]: k for k in valid}
+  close = close or [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=2, cutoff=0.8)]
+  if close:
+    return ValueError(f"unknown config key {key!r}; did you mean {' or '.join(map(repr, close))}?")
+  return ValueError(f"unknown config key {key!r}; no valid key is close to it (every key with its default: "
+                    "ricci_jax.train.schema.default_config())")
 
 
 def _parse_value(text: str, current: Any) -> Any:
@@ -165,6 +201,8 @@ def _parse_value(text: str, current: Any) -> Any:
     value = math.inf
   if isinstance(current, tuple) and isinstance(value, (list, int, float)):
     value = tuple(value) if isinstance(value, list) else (value,)
+  if isinstance(current, tuple) and isinstance(value, str):  # a bare comma-separated list: allow_changes=epochs
+    value = tuple(part.strip() for part in value.split(",") if part.strip())
   return value
 
 
@@ -172,9 +210,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
   """Applies ``key=value`` overrides (dotted keys), checking each key exists.
 
   Values are Python literals (``0.1``, ``(1, -1, 1, -1)``, ``True``) or bare
-  strings. An unknown key raises a ``ValueError`` listing the valid keys.
+  strings. An unknown key raises a ``ValueError`` naming the closest valid keys.
   """
-  valid = _flatten_keys(config)
+  valid = flatten_keys(config)
   for item in overrides:
     key, sep, text = item.partition("=")
     key = key.strip().removeprefix("--").removeprefix("config.")
@@ -184,31 +222,35 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     node = config
     for part in parts[:-1]:
       if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-        raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
+        raise unknown_key_error(key, valid)
       node = node[part]
     leaf = parts[-1]
     if isinstance(node, ml_collections.ConfigDict) and key.startswith("quant.hparams."):
-      node[leaf] = float(ast.literal_eval(text))
+      value = _parse_value(text, 0.0)
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} = {text!r} is not a number (estimator hyperparameters are numbers)")
+      node[leaf] = float(value)
       continue
     if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
-      raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
+      raise unknown_key_error(key, valid)
     value = _parse_value(text, node[leaf])
     try:
       node[leaf] = value
-    except TypeError as e:
-      raise ValueError(f"config key {key!r} expects a {type(node[leaf]).__name__}, got {text!r}: {e}") from None
+    except TypeError:
+      expected = RANGES[key].describe() if key in RANGES else f"a {type(node[leaf]).__name__}"
+      raise ValueError(f"{key} = {text!r} is not {expected}") from None
   return config
 
 
 def check_known_keys(config: ml_collections.ConfigDict):
   """Raises if ``config`` has a key the program does not know (e.g. a typo in a config file)."""
-  valid = set(_flatten_keys(default_config()))
-  for key in _flatten_keys(config):
+  valid = flatten_keys(default_config())
+  for key in flatten_keys(config):
     if key == "pmap":
       raise ValueError("config key 'pmap' was removed: data parallelism is jax.jit over a sharded batch on "
                        "every device of every process, with nothing to choose; delete the key")
     if key not in valid and not key.startswith("quant.hparams."):
-      raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(valid))}")
+      raise unknown_key_error(key, valid)
 
 
 def resolve_init_dir(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
@@ -277,6 +319,11 @@ def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | Non
   from ricci_jax import models  # noqa: PLC0415 - models import flax modules
 
   check_known_keys(config)
+  check_ranges(config)
+  wrong = sorted(set(config.allow_changes) - RESUMABLE_KEYS)
+  if wrong:
+    raise ValueError(f"allow_changes: {', '.join(wrong)} cannot change in a resumed run (it would mix two "
+                     f"configurations); keys that can: {', '.join(sorted(RESUMABLE_KEYS))}")
   _choice("dataset", config.dataset.name, tuple(data_lib.DATASETS))
   _choice("data source", config.dataset.source, ("auto", "files", "tfds"))
   _choice("augmentation", config.dataset.augment, ("default", "none", "crop_flip"))
@@ -284,6 +331,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | Non
   _choice("model", config.model.name, tuple(models.MODELS))
   _choice("layer order", config.model.order, tuple(models.ORDERS))
   _choice("model API", config.model.api, MODEL_APIS)
+  _choice("model dtype", config.model.dtype, ("float32", "bfloat16", "float16"))
   if config.model.api == "nnx":
     _choice("NNX zoo model", config.model.name, NNX_MODELS)
     if config.model.bireal:
@@ -312,34 +360,26 @@ def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | Non
     lne.check_tau(r["tau"], metric)
   except ValueError as e:
     raise ValueError(f"rfdnn: {e}") from None
-  for name in ("tau_scale", "rho", "epsilon_relative"):
-    value = config.rfdnn[name]
-    if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
-      raise ValueError(f"rfdnn.{name} must be a positive number{' or None' if name != 'tau_scale' else ''}, "
-                       f"got {value!r}")
-  for name in ("alpha", "epsilon"):
-    if not config.rfdnn[name] >= 0:
-      raise ValueError(f"rfdnn.{name} must be >= 0, got {config.rfdnn[name]!r}")
-  if isinstance(config.rfdnn.median_window, bool) or not isinstance(config.rfdnn.median_window, int) \
-      or config.rfdnn.median_window < 1:
-    raise ValueError(f"rfdnn.median_window must be a positive integer, got {config.rfdnn.median_window!r}")
-  ricci_flow.Shifts(*map(int, config.rfdnn.shifts))
-  if not 0 < config.rfdnn.fraction <= 1:
-    raise ValueError(f"rfdnn.fraction must be in (0, 1], got {config.rfdnn.fraction}")
-  for name in ("batch_size", "epochs", "eval_every_epochs", "last_epochs", "log_every_steps",
-               "checkpoint_every_steps", "keep_checkpoints", "max_consecutive_nonfinite"):
-    value = config[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name} must be a positive integer, got {value!r}")
-  if config.optimizer.schedule == "multistep" and not all(0 < b < 1 for b in config.optimizer.boundaries):
-    raise ValueError(f"optimizer.boundaries are fractions of training in (0, 1), got {config.optimizer.boundaries}")
+  try:
+    ricci_flow.Shifts(*map(int, config.rfdnn.shifts))
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"rfdnn.shifts = {tuple(config.rfdnn.shifts)!r}: {e}") from None
+  boundaries = config.optimizer.boundaries
+  if config.optimizer.schedule == "multistep" and not all(
+      isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1 for b in boundaries):
+    raise ValueError(f"optimizer.boundaries = {tuple(boundaries)!r}: fractions of training in (0, 1) expected")
+  if config.optimizer.warmup_epochs >= config.epochs:
+    raise ValueError(f"optimizer.warmup_epochs = {config.optimizer.warmup_epochs} must be below epochs = "
+                     f"{config.epochs}")
+  if config.quant.weight_bits != FLOAT_BITS or config.quant.act_bits != FLOAT_BITS:
+    try:  # unknown names (a typo) and values out of the estimator's own range
+      get_estimator(config.quant.estimator).resolve(dict(config.quant.hparams))
+    except ValueError as e:
+      raise ValueError(f"quant.hparams: {e}") from None
   if config.init_from:
     resolve_init_dir(config.init_from, config.seed)
   pruning_schedule(config)
   prune_rule(config)
-  if isinstance(config.dnr.every_steps, bool) or not isinstance(config.dnr.every_steps, int) \
-      or config.dnr.every_steps < 0:
-    raise ValueError(f"dnr.every_steps must be a non-negative integer (0: off), got {config.dnr.every_steps!r}")
   if config.optimizer.name == "rf_sgd" and config.quant.layers == "none":
     raise ValueError("optimizer rf_sgd needs quantized layers (quant.layers is 'none')")
 
@@ -354,13 +394,16 @@ def validate(config: ml_collections.ConfigDict, workdir: str | os.PathLike | Non
 
   if workdir is not None:
     path = pathlib.Path(workdir)
+    if path.exists() and not path.is_dir():
+      raise ValueError(f"the output directory {str(path)!r} is a file; pass a folder (--workdir)")
     try:
       path.mkdir(parents=True, exist_ok=True)
       probe = path / f".write_probe.{os.getpid()}"  # per process: the processes of one run share the folder
       probe.write_text("ok")
       probe.unlink()
     except OSError as e:
-      raise ValueError(f"the output directory {str(path)!r} cannot be written: {e}") from None
+      raise ValueError(f"the output directory {str(path)!r} cannot be written ({e.strerror or e}); "
+                       "pass a writable folder (--workdir)") from None
 
 
 def pruning_schedule(config: ml_collections.ConfigDict):
