@@ -39,7 +39,7 @@ import ml_collections
 
 from ricci_jax import pruning, reporting
 from ricci_jax.nnx.functional import Functional
-from ricci_jax.train import builders, checkpoints, loop, schema
+from ricci_jax.train import builders, checkpoints, loop, run_folder, schema
 
 CYCLE_DIR = "cycle_{:02d}"
 """A cycle's folder in the run's working directory (``cycle_00``: the dense run)."""
@@ -79,6 +79,7 @@ def train_pruned(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
     ``cycles``: one row per cycle.
 
   Raises:
+    RunMismatchError: ``workdir`` holds a pruning run with another config.
     ValueError: before any training, for a bad ``config.pruning`` (see
       :func:`ricci_jax.train.schema.pruning_schedule`), a rewind step at or
       after the end of the dense run, a rule that selects no layer, or an
@@ -86,6 +87,7 @@ def train_pruned(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
   """
   workdir = pathlib.Path(workdir)
   schema.validate(config, workdir)
+  run_folder.check_resume(config, workdir)
   schedule = schema.pruning_schedule(config)
   if schedule is None:
     raise ValueError("train_pruned needs a pruning schedule: set pruning.cycles or pruning.target_sparsity")
@@ -110,6 +112,8 @@ def train_pruned(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
   cycle_start, start, stats = theta0["params"], None, {}
   rows: list[dict] = []
   primary = jax.process_index() == 0
+  if primary:
+    run_folder.create(config, workdir)  # the pruning run's identity; each cycle's folder has its own too
   result: dict = {}
   for cycle in range(schedule.cycles + 1):
     run_dir = workdir / CYCLE_DIR.format(cycle)

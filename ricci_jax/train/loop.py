@@ -12,10 +12,16 @@ runs every seed and reports the paper's statistic across them. A run:
   and augments them on the device inside the jitted step, from a key derived from the seed and the step;
   the iterator's state is saved with the model of the same step, so a resumed run sees exactly the
   same batches;
-* skips a step whose loss or gradients are not finite (counted), and stops with a checkpoint and a clear
-  message after too many in a row;
-* writes Orbax checkpoints (model and input pipeline) at every epoch end and every N steps, and resumes
-  from the latest one;
+* skips a step whose loss or gradients are not finite, or that would make a finite value of the state
+  non-finite (counted), and stops with a checkpoint and a one-line message naming the offending value
+  after too many in a row;
+* is identified by its folder's ``config.json``, written once: a later invocation with another config is
+  refused before any work, unless the change is one a resume may make and is asked for
+  (:mod:`ricci_jax.train.run_folder`);
+* writes verified Orbax checkpoints (model, input pipeline, checksum) at every epoch end and every N steps,
+  and resumes from the newest intact one (:mod:`ricci_jax.train.checkpoints`);
+* inside :func:`ricci_jax.train.interrupts.stop_on_signals`, stops on SIGINT / SIGTERM after the current
+  step with a checkpoint, raising :class:`~ricci_jax.train.interrupts.Interrupted`;
 * shows a tqdm bar (loss, accuracy, images/s), writes ``metrics.jsonl``, ``eval.jsonl`` and
   ``diagnostics.jsonl`` (per-layer RF-DNN diagnostics), and draws PNG plots; of several processes, the
   first writes every file but the checkpoints;
@@ -43,12 +49,13 @@ from flax import nnx
 from ricci_jax import dead_neurons, layers, models, reporting, transform
 from ricci_jax.nnx.functional import Functional
 from ricci_jax.summary import summary as summarize_model
-from ricci_jax.train import builders, checkpoints, schema, steps
+from ricci_jax.train import builders, checkpoints, interrupts, run_folder, schema, steps
 from ricci_jax.train.placement import DataParallel
 
 
 class NonFiniteLossError(RuntimeError):
-  """Raised when too many consecutive steps had a non-finite loss or gradient."""
+  """Raised when too many consecutive steps had a non-finite loss, gradient or state (the last good state
+  is saved)."""
 
 
 REWIND_POINT = "rewind_point.npz"
@@ -137,6 +144,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, start:
   started = time.perf_counter()
   workdir = pathlib.Path(workdir)
   schema.validate(config, workdir)
+  changes = run_folder.check_resume(config, workdir)  # before any work; None: a new run
   train_ds, test_ds = datasets(config)
   steps_per_epoch = train_ds.steps_per_epoch
   total_steps = config.epochs * steps_per_epoch
@@ -156,34 +164,44 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, start:
   program, state = steps.build_program(config, model, variables, mask, steps_per_epoch,
                                        masks=None if start is None else start.masks,
                                        step=0 if start is None else start.step)
+  guarded = steps.guarded_names(state)
 
   primary = jax.process_index() == 0  # of several processes, the first writes every file but the checkpoints
+  evals: list[dict] = []  # every process keeps them: the checkpoints carry them, no process reads another's file
+  mgr = checkpoints.manager(workdir, config.keep_checkpoints)
+  start_step, data_state, restored = int(state.step), None, None
+  if changes is not None:  # the newest intact checkpoint (a CheckpointError, before anything is written, if none)
+    restored = checkpoints.restore_newest_intact(mgr, jax.device_get(state), move_damaged=primary)
+  if restored is not None:
+    state, saved_meta, data_state = restored
+    start_step = int(state.step)
+    saved_evals = saved_meta.get("evals")
+    if saved_evals is None:  # a checkpoint written before the evaluations travelled with it
+      saved_evals = reporting.read_jsonl(workdir / "eval.jsonl")
+    evals = [r for r in saved_evals if r["step"] <= start_step]
+    if start_step > total_steps:
+      raise ValueError(f"epochs = {config.epochs} ({total_steps} steps) ends before step {start_step}, where the "
+                       f"run in {str(workdir)!r} stands")
+  # from here on the run writes its folder
   if primary:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    run_folder.create(config, workdir)
     (workdir / "model_summary.txt").write_text(model_summary.text() + "\n")
     (workdir / "model_summary.json").write_text(
         json.dumps(reporting.to_jsonable(model_summary.to_dict()), indent=2))
+    if changes is not None:
+      run_folder.record_resume(workdir, start_step, total_steps, changes)
+      changed = "".join(f"; {k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+      print(f"resuming {workdir} from step {start_step} of {total_steps}{changed}", flush=True)
     if config.progress:
       print(model_summary, flush=True)
   metrics_log = reporting.JsonlWriter(workdir / "metrics.jsonl", enabled=primary)
   eval_log = reporting.JsonlWriter(workdir / "eval.jsonl", enabled=primary)
   diag_log = reporting.JsonlWriter(workdir / "diagnostics.jsonl", enabled=primary)
   dnr_log = reporting.JsonlWriter(workdir / "dnr.jsonl", enabled=primary)
-  evals: list[dict] = []  # every process keeps them: the checkpoints carry them, no process reads another's file
-  mgr = checkpoints.manager(workdir, config.keep_checkpoints)
-  start_step, data_state = int(state.step), None
-  if config.resume and mgr.latest_step() is not None:
-    state, saved_meta, data_state = checkpoints.restore(mgr, jax.device_get(state))
-    start_step = int(state.step)
-    saved_evals = saved_meta.get("evals")
-    if saved_evals is None:  # a checkpoint written before the evaluations travelled with it
-      saved_evals = reporting.read_jsonl(workdir / "eval.jsonl")
-    evals = [r for r in saved_evals if r["step"] <= start_step]
-    for log in (metrics_log, eval_log, diag_log, dnr_log):
+  for log in (metrics_log, eval_log, diag_log, dnr_log):
+    if restored is not None:
       log.truncate_after(start_step)
-  else:  # a fresh run: no stale metrics, and the initial state is checkpoint 0
-    for log in (metrics_log, eval_log, diag_log, dnr_log):
+    else:  # a fresh start: no stale lines
       log.remove()
 
   train_fn, eval_fn = placement.train_fn(program), placement.eval_fn(program)
@@ -212,8 +230,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, start:
   pending: list[dict] = []
   interval_start, interval_images = time.perf_counter(), 0
   step = start_step
-  stopped_reason = None
+  stopped_reason, signum, last_nonfinite = None, None, None
+
+  def evaluate_epoch(epoch_done: int, at_step: int):  # the test evaluation due after epoch ``epoch_done``
+    if (epoch_done % config.eval_every_epochs and epoch_done != config.epochs) or any(
+        r["step"] == at_step for r in evals):
+      return
+    result = _evaluate(placement, eval_fn, dstate, test_ds)
+    evals.append({"step": at_step, "epoch": epoch_done, **result})
+    eval_log.write(evals[-1])
+    progress.write(f"epoch {epoch_done}/{config.epochs}: test accuracy {100 * result['accuracy']:.2f}% "
+                   f"(loss {result['loss']:.4f})")
+
   try:
+    if start_step and start_step % steps_per_epoch == 0:  # stopped at an epoch's end, before its evaluation?
+      evaluate_epoch(start_step // steps_per_epoch, start_step)
     for epoch in range(start_step // steps_per_epoch, config.epochs):
       first = step - epoch * steps_per_epoch
       for batch in itertools.islice(batches, steps_per_epoch - first):
@@ -232,7 +263,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, start:
         at_log = step % config.log_every_steps == 0 or step % steps_per_epoch == 0
         if at_log:
           record = _flush_metrics(pending, step, epoch, interval_images,
-                                  time.perf_counter() - interval_start)
+                                  time.perf_counter() - interval_start, guarded)
+          last_nonfinite = record.get("nonfinite_at", last_nonfinite)
           pending, interval_start, interval_images = [], time.perf_counter(), 0
           metrics_log.write(record)
           progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{100 * record['accuracy']:.1f}%",
@@ -243,25 +275,33 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, start:
           if streak >= config.max_consecutive_nonfinite:
             stopped_reason = "nonfinite"
             break
-        if step % config.checkpoint_every_steps == 0:
-          save(placement.unstate(dstate))
+        if step % config.checkpoint_every_steps == 0 and step % steps_per_epoch:  # an epoch's end saves after
+          save(placement.unstate(dstate))                                           # its evaluation
         if config.stop_after_steps and step >= config.stop_after_steps:
           stopped_reason = "stop_after_steps"
           break
+        # a signal's request to stop, shared by every process at the steps where they all log
+        signum = interrupts.requested() if jax.process_count() == 1 else (
+            interrupts.agreed(interrupts.requested()) if at_log else None)
+        if signum:
+          stopped_reason = "interrupted"
+          break
       if stopped_reason:
         break
-      if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.epochs:
-        result = _evaluate(placement, eval_fn, dstate, test_ds)
-        evals.append({"step": step, "epoch": epoch + 1, **result})
-        eval_log.write(evals[-1])
-        progress.write(f"epoch {epoch + 1}/{config.epochs}: test accuracy {100 * result['accuracy']:.2f}% "
-                       f"(loss {result['loss']:.4f})")
+      evaluate_epoch(epoch + 1, step)
       save(placement.unstate(dstate))
   finally:
     progress.close()
 
   host_state = placement.unstate(dstate)
   save(host_state)
+  if stopped_reason == "interrupted":
+    raise interrupts.Interrupted(step, signum)
+  if stopped_reason == "nonfinite":
+    raise NonFiniteLossError(
+        f"stopped at step {step}: {config.max_consecutive_nonfinite} consecutive steps were not finite (the last "
+        f"in {last_nonfinite or 'an unlogged step'}; {int(host_state.nonfinite_total)} in total); the last good "
+        f"state is saved in {str(workdir / 'checkpoints')!r}: lower the learning rate or check the data")
   dnr_results = {}
   if stopped_reason is None and primary and dnr_every:
     dnr_results["dnr_train"] = last_epoch_dnr(reporting.read_jsonl(workdir / "dnr.jsonl"))
@@ -272,11 +312,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, start:
       counts = c if counts is None else dead_neurons.add_counts(counts, c)
     dnr_results["dnr_test"] = dead_neurons.summarize(counts)
     dnr_log.write(dead_neurons.dnr_record(dnr_results["dnr_test"], step, sparsity=sparsity, mode="eval"))
-  if stopped_reason == "nonfinite":
-    raise NonFiniteLossError(
-        f"stopped at step {step}: {config.max_consecutive_nonfinite} consecutive steps had a non-finite "
-        f"loss or gradient ({int(host_state.nonfinite_total)} in total). The last good state is saved in "
-        f"{workdir / 'checkpoints'}; lower the learning rate or check the data.")
   accs = [r["accuracy"] for r in evals]
   summary = {
       "name": config.name, "seed": config.seed, "steps": step, "epochs_done": len(evals),
@@ -312,11 +347,14 @@ def _progress_bar(config, total: int, initial: int, desc: str):
               disable=not config.progress or jax.process_index() != 0, mininterval=1.0)
 
 
-def _flush_metrics(pending, step, epoch, images, seconds) -> dict:
+def _flush_metrics(pending, step, epoch, images, seconds, guarded: list[str]) -> dict:
   host = jax.device_get(pending)
   keys = host[0].keys()
-  record = {k: float(np.mean([float(h[k]) for h in host])) for k in keys if k != "finite"}
+  record = {k: float(np.mean([float(h[k]) for h in host])) for k in keys if k not in ("finite", "nonfinite_at")}
   record["nonfinite_in_interval"] = int(sum(not bool(h["finite"]) for h in host))
+  where = [int(h["nonfinite_at"]) for h in host if int(h["nonfinite_at"]) >= 0]
+  if where:  # what the interval's last refused step first found non-finite
+    record["nonfinite_at"] = guarded[where[-1]]
   record.update(step=step, epoch=epoch, images_per_second=images / max(seconds, 1e-9))
   return record
 
@@ -391,15 +429,18 @@ def load_rewind_point(workdir: str | pathlib.Path, like: dict) -> tuple[dict, in
 
 
 def finished(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict | None:
-  """The results of a run already finished in ``workdir`` with this very config, else None.
+  """The results of a run already finished in ``workdir`` with this config, else None.
 
-  With ``config.resume`` a finished seed is not trained again, even when its
-  checkpoints were deleted (its ``config.json`` and ``results.json`` suffice).
+  A finished seed is not trained again, even when its checkpoints were deleted (its ``config.json`` and
+  ``results.json`` suffice). None when the folder holds no finished run, or when ``allow_changes`` changes
+  it (a longer run continues it).
+
+  Raises:
+    RunMismatchError: the folder holds a run with another config (:func:`ricci_jax.train.run_folder.check_resume`).
   """
-  results, saved = workdir / "results.json", workdir / "config.json"
-  if not (config.resume and results.is_file() and saved.is_file()):
-    return None
-  if saved.read_text() != config.to_json_best_effort(indent=2):
+  results = pathlib.Path(workdir) / "results.json"
+  changes = run_folder.check_resume(config, workdir)
+  if changes is None or changes or not results.is_file():
     return None
   summary = json.loads(results.read_text())
   return None if summary.get("interrupted") else summary

@@ -84,8 +84,42 @@ def _loss(program: Program, params, batch_stats, quant, images, labels, mask):
   return loss, (logits, new_vars["batch_stats"])
 
 
-def _all_finite(tree) -> Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)] or [jnp.array(True)]))
+def _named_leaves(prefix: str, tree) -> list[tuple[str, Array]]:
+  names = lambda path: "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)  # noqa: E731
+  return [(prefix + names(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _guarded(loss, grads, old: TrainState, new: TrainState) -> list[tuple[str, Array, Array | None]]:
+  """What the non-finite guard checks, in a fixed order: (name, value, its value before the step or None).
+
+  The loss, every gradient, and every leaf of the new params, batch statistics and optimizer state.
+  """
+  out = [("loss", loss, None)] + [(n, g, None) for n, g in _named_leaves("gradient of params/", grads)]
+  for part in ("params", "batch_stats", "opt_state"):
+    out += [(n, v, o) for (n, v), o in zip(_named_leaves(f"{part}/", getattr(new, part)),
+                                           jax.tree.leaves(getattr(old, part)))]
+  return out
+
+
+def guarded_names(state: TrainState) -> list[str]:
+  """The names of what the non-finite guard checks (``metrics["nonfinite_at"]`` indexes them; -1: none)."""
+  return [name for name, _, _ in _guarded(0.0, state.params, state, state)]
+
+
+def _first_nonfinite(guarded) -> tuple[Array, Array]:
+  """(all finite, index of the first non-finite entry or -1).
+
+  A value that was already non-finite before the step may stay so: some optimizer state is non-finite
+  by design (RF-DNN's gate bound epsilon = inf, the NaN slots of its median window); what is refused is
+  a finite value turning into a NaN or an inf.
+  """
+  flags = []
+  for _, value, before in guarded:
+    ok = jnp.isfinite(value) if before is None else jnp.isfinite(value) | ~jnp.isfinite(before)
+    flags.append(jnp.all(ok))
+  flags = jnp.stack(flags)
+  finite = jnp.all(flags)
+  return finite, jnp.where(finite, -1, jnp.argmin(flags)).astype(jnp.int32)
 
 
 def build_program(config: ml_collections.ConfigDict, model: nn.Module, variables: dict, quantized_mask: Any,
@@ -134,6 +168,11 @@ def train_images(program: Program, step: Array, images: Array) -> Array:
 def train_step(program: Program, state: TrainState, batch: dict):
   """One optimisation step; returns the new state and this step's metrics (device arrays).
 
+  A step whose loss or gradients are not finite, or that would turn a finite value of the params, batch
+  statistics or optimizer state into a NaN or an inf, is not taken: the state stays as it was but for
+  the counters (``nonfinite_total``, ``nonfinite_streak``), and ``metrics["nonfinite_at"]`` indexes
+  :func:`guarded_names` (the first offending value; -1 when the step was taken).
+
   With pruning masks the gradients of pruned weights are zeroed before the
   optimizer (so neither momentum nor the RF-DNN metric sees them) and the
   new params are masked after it: pruned weights stay exactly 0.
@@ -161,7 +200,8 @@ def train_step(program: Program, state: TrainState, batch: dict):
   if masked:
     new_params = pruning.apply_masks(new_params, state.masks)
 
-  finite = jnp.isfinite(loss) & _all_finite(grads)
+  proposed = state.replace(params=new_params, batch_stats=new_stats, opt_state=new_opt)
+  finite, nonfinite_at = _first_nonfinite(_guarded(loss, grads, state, proposed))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
   new_state = TrainState(
       step=state.step + 1,
@@ -175,7 +215,7 @@ def train_step(program: Program, state: TrainState, batch: dict):
   )
   correct = jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
   count = jnp.sum(mask)
-  metrics = {"loss": loss, "accuracy": correct / jnp.maximum(count, 1), "finite": finite,
+  metrics = {"loss": loss, "accuracy": correct / jnp.maximum(count, 1), "finite": finite, "nonfinite_at": nonfinite_at,
              "learning_rate": program.lr(state.step)}
   metrics.update({f"hparam/{k}": s(state.step) for k, s in program.hparam_schedules.items()})
   if program.quantized is not None:
