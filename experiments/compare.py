@@ -15,7 +15,6 @@ printed and written to ``WORKDIR/results.md`` with ``results.json``, and
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -24,7 +23,8 @@ from collections.abc import Mapping, Sequence
 
 import ml_collections
 
-from experiments.train import command_line_overrides, load_config_file
+from experiments import cli
+
 
 DEFAULT_CONFIG = "experiments/configs/fashion_mnist.py"
 DEFAULT_METHODS = "clipped_ste,rfdnn"
@@ -94,17 +94,17 @@ def run(configs: Mapping[str, ml_collections.ConfigDict], seeds: Sequence[int], 
 
 
 def configs_from_file(spec: str, methods: Sequence[str]) -> dict[str, ml_collections.ConfigDict]:
-  return {m: load_config_file(f"{spec}:{m}") for m in methods}
+  return {m: cli.load_config_file(f"{spec}:{m}") for m in methods}
 
 
 def parse(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.parser(__doc__)
   parser.add_argument("--config", default=DEFAULT_CONFIG, help="config file whose get_config takes the method")
   parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated methods")
   parser.add_argument("--seeds", default=DEFAULT_SEEDS, help="comma-separated seeds")
   parser.add_argument("--workdir", default="runs/compare", help="output directory")
   args, rest = parser.parse_known_args(argv)
-  return args, command_line_overrides(parser, rest)
+  return args, cli.command_line_overrides(parser, rest)
 
 
 def main(argv=None) -> int:
@@ -130,4 +130,4 @@ if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from ricci_jax import runtime
   runtime.configure_cpu()  # process-wide CPU settings, before JAX starts: a program's choice, never the library's
-  sys.exit(main())
+  sys.exit(cli.run(main))

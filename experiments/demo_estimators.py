@@ -10,16 +10,19 @@ cosine between the two, and the fraction of entries the estimator zeroes.
 
 from __future__ import annotations
 
-import argparse
+
+import sys
 
 import jax
 import jax.numpy as jnp
 
 import ricci_jax as rj
 
+from experiments import cli
+
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.parser(__doc__)
   parser.add_argument("--features-in", type=int, default=64)
   parser.add_argument("--features-out", type=int, default=32)
   parser.add_argument("--batch", type=int, default=128)
@@ -50,4 +53,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run(main))

@@ -23,9 +23,9 @@ and ``metric_perturbation.png``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,8 @@ import orbax.checkpoint as ocp
 
 from ricci_jax import lne, reporting, train
 from ricci_jax.ricci_flow import Rank1Sum
+
+from experiments import cli
 
 
 def metric_distance(t_a: jax.Array, t_b: jax.Array) -> float:
@@ -118,7 +120,7 @@ def plot(result: dict, path: pathlib.Path, title: str = ""):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.parser(__doc__)
   parser.add_argument("run_dir")
   parser.add_argument("--out", default=None, help="output directory (default: the run directory)")
   args = parser.parse_args(argv)
@@ -134,4 +136,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run(main))

@@ -20,9 +20,9 @@ data are read straight from the IDX files (``--data-dir``, default
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
+import sys
 import tempfile
 import time
 
@@ -36,6 +36,8 @@ import ricci_jax as rj
 from ricci_jax import export, inference
 from ricci_jax import nnx as rjn
 from ricci_jax.data.sources import read_idx
+
+from experiments import cli
 
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST pixel mean and std on [0, 1]
 
@@ -98,7 +100,7 @@ def evaluate(model, x, y, batch_size=1000) -> float:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.parser(__doc__)
   default_dir = pathlib.Path(os.environ.get("RICCI_JAX_DATA_DIR", "/usr/share/datasets")) / "fashion-mnist"
   parser.add_argument("--data-dir", type=pathlib.Path, default=default_dir)
   parser.add_argument("--epochs", type=int, default=2)
@@ -153,4 +155,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run(main))

@@ -28,7 +28,6 @@ analysis.json, README.md and the plots.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 import scipy.stats
 
+from experiments import cli
 from experiments.configs import presets
 from ricci_jax import reporting, statistics
 from ricci_jax.train import schema
@@ -332,7 +332,7 @@ def report(parts, seeds, workdir: pathlib.Path, out: pathlib.Path) -> dict:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.parser(__doc__)
   parser.add_argument("--stage", choices=("run", "report", "all"), default="all")
   parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
   parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
@@ -363,4 +363,4 @@ if __name__ == "__main__":
   from ricci_jax import runtime
 
   runtime.configure_cpu()  # process-wide CPU settings, before JAX starts: a program's choice, never the library's
-  sys.exit(main())
+  sys.exit(cli.run(main))

@@ -45,9 +45,8 @@ import pathlib
 import sys
 import time
 
-from experiments import paper_tables
+from experiments import cli, paper_tables
 from experiments.paper_tables import PaperRow
-from experiments.train import command_line_overrides
 
 DEFAULT_SEEDS = "0,1,2,3,4"  # the paper's 5 runs
 QUICK_SEEDS = "0"
@@ -62,7 +61,7 @@ NOT_IMPLEMENTED = "not implemented (paper number only)"
 
 
 def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.parser(__doc__)
   parser.add_argument("--table", required=True, choices=paper_tables.TABLES,
                       help="which table: 1, 2, 3, 4, or 6b (Fig. 6(b))")
   parser.add_argument("--rows", default=None,
@@ -81,7 +80,7 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
                            "model; repeat for several models")
   parser.add_argument("--list", action="store_true", help="print the table's rows and the paper's numbers; run nothing")
   args, rest = parser.parse_known_args(argv)
-  return args, command_line_overrides(parser, rest)
+  return args, cli.command_line_overrides(parser, rest)
 
 
 def select_rows(table: str, rows: str | None, quick: bool) -> list[PaperRow]:
@@ -380,4 +379,4 @@ if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from ricci_jax import runtime
   runtime.configure_cpu()  # process-wide CPU settings, before JAX starts: a program's choice, never the library's
-  sys.exit(main())
+  sys.exit(cli.run(main))

@@ -12,7 +12,6 @@ recorded commit (checked first).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -20,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 
+from experiments import cli
 
 TRAIN_FROM_JSON = """
 import json, sys
@@ -80,7 +80,7 @@ def check(run: pathlib.Path, code: pathlib.Path) -> dict:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.parser(__doc__)
   parser.add_argument("runs", nargs="+", help="finished run folders (config.json, results.json, checkpoints/)")
   parser.add_argument("--code", required=True, help="a clean checkout of the runs' recorded commit")
   parser.add_argument("--out", default=None, help="write the comparison here as JSON")
@@ -101,4 +101,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run(main))

@@ -10,7 +10,6 @@ the data gives (the tests run it), so a hand edit or stale number cannot stay.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -19,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from ricci_jax import reporting, statistics
+
+from experiments import cli
 
 FOLDERS = (
     ("rf_readings/", "`python -m experiments.rf_readings`",
@@ -370,7 +371,7 @@ def render(results: pathlib.Path) -> str:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.parser(__doc__)
   parser.add_argument("--results", default="results")
   parser.add_argument("--check", action="store_true", help="fail if the committed README differs from the data")
   args = parser.parse_args(argv)
@@ -388,4 +389,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run(main))

@@ -24,7 +24,6 @@ learning rate. Stages:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -34,6 +33,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from experiments import cli
 
 ARMS = ("clipped_ste", "random_null", "dorefa", "rfdnn", "rfdnn_tau1", "rfdnn_hessian", "rfdnn_hessian_matched")
 READING_ARMS = ("rfdnn", "rfdnn_tau1", "rfdnn_hessian", "rfdnn_hessian_matched")
@@ -586,7 +587,7 @@ def _refuse_dirty_tree(quick: bool, allow_dirty: bool):
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.parser(__doc__)
   parser.add_argument("--stage", default="all", help=f"all or one of {', '.join(STAGES)}")
   parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline, proves nothing")
   parser.add_argument("--workdir", default="runs/rf_readings")
@@ -631,4 +632,4 @@ if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from ricci_jax import runtime
   runtime.configure_cpu()  # process-wide CPU settings, before JAX starts: a program's choice, never the library's
-  sys.exit(main())
+  sys.exit(cli.run(main))

@@ -26,7 +26,6 @@ the regulariser's relative size, summarised per part in ``diagnostics.md``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -35,7 +34,7 @@ import sys
 import ml_collections
 import numpy as np
 
-from experiments import compare, metric_perturbation
+from experiments import cli, compare, metric_perturbation
 from experiments.configs import presets
 
 PARTS = ("fashion", "bits", "cifar", "alpha", "metric")
@@ -186,7 +185,7 @@ def diagnostics_summary(data: dict) -> str:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.parser(__doc__)
   parser.add_argument("--parts", default=",".join(PARTS))
   parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline, proves nothing")
   parser.add_argument("--workdir", default="runs/study")
@@ -242,4 +241,4 @@ if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from ricci_jax import runtime
   runtime.configure_cpu()  # process-wide CPU settings, before JAX starts: a program's choice, never the library's
-  sys.exit(main())
+  sys.exit(cli.run(main))

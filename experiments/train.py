@@ -4,21 +4,23 @@
 
 Overrides are dotted config keys, with or without a ``--config.`` prefix:
 
-    python -m experiments.train --config experiments/configs/fashion_mnist_lenet5_w1a32_rfdnn.py \\
+    python -m experiments.train --config experiments/configs/fashion_mnist.py:rfdnn \\
         --config.epochs=5 optimizer.learning_rate=0.05 seeds="(0, 1, 2)"
 
-Everything is checked before training starts (unknown keys list the valid
-ones). A run resumes from the latest checkpoint in its working directory. On
-several hosts, set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
-On several hosts (or several processes of one host), every process runs the
-same command with ``--distributed``; each reads only its own rows of every
-batch, and process 0 writes the logs, plots and results (checkpoints are
-written jointly by Orbax, once):
+Everything is checked before training starts: an unknown key names the closest valid ones, a value out of
+its range names the range. A run's folder keeps the config it was created with (config.json); running
+again on the folder resumes from its newest intact checkpoint, and a changed config is refused unless
+the change is one a resume may make and is named, e.g. allow_changes=epochs (recorded in resumes.jsonl).
+Ctrl-C or SIGTERM stops after the current step with a checkpoint; the same command resumes.
+
+On several hosts (or several processes of one host), every process runs the same command with
+``--distributed``; each reads only its own rows of every batch, and process 0 writes the logs, plots and
+results (checkpoints are written jointly by Orbax, once):
 
     # Slurm, a TPU pod, Open MPI, ...: jax.distributed.initialize() finds its peers itself
     srun python -m experiments.train --config ... --distributed
     # anywhere else: say who is who (process i of n; the coordinator is process 0's host:port)
-    python -m experiments.train --config ... --distributed \
+    python -m experiments.train --config ... --distributed \\
         --coordinator 10.0.0.1:1234 --num-processes 2 --process-id $I
 
 CPU processes exchange their collectives through gloo.
@@ -26,48 +28,16 @@ CPU processes exchange their collectives through gloo.
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import os
 import pathlib
 import sys
 
-import ml_collections
+from experiments import cli
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """Loads ``path.py`` or ``path.py:arg`` by calling its ``get_config(arg)``."""
-  path, _, arg = spec.partition(":")
-  file = pathlib.Path(path)
-  if not file.is_file():
-    raise ValueError(f"config file {path!r} not found")
-  module_spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"config file {path!r} has no get_config() function")
-  return module.get_config(arg) if arg else module.get_config()
-
-
-def command_line_overrides(parser: argparse.ArgumentParser, rest: list[str]) -> list[str]:
-  """The ``key=value`` config overrides among the arguments ``parser`` left over.
-
-  ``--config.key=value`` is accepted as ``key=value``; any other option is a
-  parser error (argparse's message and exit status 2).
-  """
-  overrides = []
-  for item in rest:
-    if item.startswith("--config."):
-      item = item[len("--config."):]
-    elif item.startswith("-"):
-      parser.error(f"unknown option {item.split('=')[0]!r}; config keys go as key=value or --config.key=value")
-    overrides.append(item)
-  return overrides
-
-
-def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse(argv=None):
+  parser = cli.parser(__doc__)
   parser.add_argument("--config", required=True, help="config file, optionally path.py:arg")
   parser.add_argument("--workdir", default=None, help="output directory (default runs/<config name>)")
   parser.add_argument("--distributed", action="store_true",
@@ -84,7 +54,7 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser.error(f"--num-processes must be at least 1, got {args.num_processes}")
   if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or 1 << 30):
     parser.error(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
-  return args, command_line_overrides(parser, rest)
+  return args, cli.command_line_overrides(parser, rest)
 
 
 def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None):
@@ -105,23 +75,15 @@ def main(argv=None) -> int:
   args, overrides = parse(argv)
   from ricci_jax import runtime, train  # noqa: PLC0415 - after argument errors
 
-  try:
-    config = load_config_file(args.config)
-    train.schema.check_known_keys(config)
-    train.schema.apply_overrides(config, overrides)
-    workdir = pathlib.Path(args.workdir or pathlib.Path("runs") / (config.name or pathlib.Path(args.config.split(":")[0]).stem))
-    if args.distributed:
-      initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    runtime.configure_cpu()  # process-wide CPU settings, before JAX starts: a program's choice, not the library's
-    train.schema.validate(config, workdir)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  try:
-    summary = train.train_seeds(config, workdir)
-  except ValueError as e:  # e.g. a pruning schedule that does not fit the data (checked before any training)
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  config = cli.load_config_file(args.config)
+  train.schema.check_known_keys(config)
+  train.schema.apply_overrides(config, overrides)
+  workdir = pathlib.Path(args.workdir or pathlib.Path("runs") / (config.name or pathlib.Path(args.config.split(":")[0]).stem))
+  if args.distributed:
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  runtime.configure_cpu()  # process-wide CPU settings, before JAX starts: a program's choice, not the library's
+  train.schema.validate(config, workdir)
+  summary = train.train_seeds(config, workdir)  # the folders of every seed are checked before any trains
   for run in summary["runs"]:
     if run.get("cycles"):
       print(f"seed {run['seed']}:\n{train.cycles.cycle_table(run['cycles'])}")
@@ -134,4 +96,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  sys.exit(main())
+  sys.exit(cli.run(main))

@@ -72,6 +72,6 @@ def recorded_epoch(self, epoch, start_step=0):
 data.Dataset.iterator = recorded_iterator
 data.Dataset.epoch = recorded_epoch
 
-from experiments import train  # noqa: E402  (after the patch, as the program's own import would be)
+from experiments import cli, train  # noqa: E402  (after the patch, as the program's own import would be)
 
-sys.exit(train.main(argv))
+sys.exit(cli.run(train.main, argv))

@@ -29,6 +29,7 @@ import time
 import jax
 import numpy as np
 
+from experiments import cli
 from experiments.coarse_gradient import claims
 from experiments.coarse_gradient.claims import FULL, QUICK, STES
 
@@ -433,9 +434,7 @@ def _jsonable(x):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="python -m experiments.coarse_gradient.run", description=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.parser(__doc__)
   parser.add_argument("--quick", action="store_true",
                       help="tiny sizes: a seconds-long smoke run (numbers are not meaningful)")
   parser.add_argument("--out", default=DEFAULT_OUT,
@@ -496,4 +495,4 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
   from ricci_jax import runtime
   runtime.configure_cpu()  # process-wide CPU settings, before JAX starts: a program's choice, never the library's
-  main()
+  sys.exit(cli.run(main))
