@@ -1,4 +1,5 @@
-"""A test helper shared by the NNX export and XOR-popcount tests: random weights for an NNX model."""
+"""Test helpers shared by the NNX export, serving and XOR-popcount tests: random weights for an NNX model, and
+a small CNN that is no other test model."""
 
 import jax
 import jax.numpy as jnp
@@ -16,3 +17,14 @@ def randomize(model, seed):
     if isinstance(m, nnx.BatchNorm):
       m.var[...] = jnp.abs(m.var[...]) + 0.5
   return model
+
+
+class OtherCNN(nnx.Module):
+  """A conv and a head: a model of another class than any the tests pack."""
+
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+    self.head = nnx.Linear(4, 10, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.conv(x).mean((1, 2)))

@@ -23,7 +23,7 @@ from ricci_jax import reporting, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FASHION = pathlib.Path("/usr/share/datasets/fashion-mnist")
-pytestmark = pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed")
+pytestmark = [pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed"), pytest.mark.slow]
 
 # RF-DNN's LeNet-5 (its optimizer state carries the metric history), 3 epochs of 16 steps: long enough
 # (a few seconds) for a signal to land mid-run.

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import ricci_jax as rj
-from nnx_state import randomize
+from nnx_state import OtherCNN, randomize
 from ricci_jax import export, inference, models
 from ricci_jax import nnx as rjn
 from ricci_jax.nnx.zoo import LeNet5, load_linen_variables
@@ -35,15 +35,6 @@ class SmallCNN(nnx.Module):
     for conv in self.blocks:
       x = nnx.relu(conv(x))
     return self.head(self.drop(x.mean((1, 2))))
-
-
-class Other(nnx.Module):
-  def __init__(self, rngs):
-    self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
-    self.head = nnx.Linear(4, 10, rngs=rngs)
-
-  def __call__(self, x):
-    return self.head(self.conv(x).mean((1, 2)))
 
 
 def _lenet(seed=0, rule=W1A1):
@@ -167,11 +158,11 @@ def test_a_state_that_does_not_fit_the_model_is_refused():
   with pytest.raises(export.ExportError, match=r"dense1/kernel has shape"):
     rj.summary(model, wrong)
   with pytest.raises(export.ExportError, match=r"not in the model"):  # another model's state
-    export.pack(nnx.state(Other(nnx.Rngs(0))), model)
+    export.pack(nnx.state(OtherCNN(nnx.Rngs(0))), model)
   with pytest.raises(export.ExportError, match=r"batch_stats missing"):  # pack needs the statistics
     export.pack(nnx.state(model, nnx.Param), model)
   with pytest.raises(export.ExportError, match=r"not a model of ricci_jax.nnx.zoo: pass input_shape"):
-    export.pack(None, rjn.quantize(Other(nnx.Rngs(0)), rj.QuantRule(layers="all", weight=rj.TensorQuant(bits=1))))
+    export.pack(None, rjn.quantize(OtherCNN(nnx.Rngs(0)), rj.QuantRule(layers="all", weight=rj.TensorQuant(bits=1))))
 
 
 def test_serving_with_a_model_that_is_not_the_packed_one_is_refused(tmp_path):
@@ -179,7 +170,7 @@ def test_serving_with_a_model_that_is_not_the_packed_one_is_refused(tmp_path):
   model = rjn.quantize(SmallCNN(nnx.Rngs(0)), rule)
   export.save(export.pack(None, model, input_shape=(8, 8, 1)), tmp_path / "m.npz")
   with pytest.raises(export.PackedFileError, match=r"the packed model is a .*SmallCNN, model= is a .*Other"):
-    inference.Predictor(tmp_path / "m.npz", model=Other(nnx.Rngs(0)))
+    inference.Predictor(tmp_path / "m.npz", model=OtherCNN(nnx.Rngs(0)))
   other_rule = rjn.quantize(SmallCNN(nnx.Rngs(0)), rj.QuantRule(layers="all", weight=rj.TensorQuant(bits=2)))
   with pytest.raises(export.PackedFileError, match=r"quantized otherwise than the packed model"):
     inference.Predictor(tmp_path / "m.npz", model=other_rule)
@@ -189,7 +180,7 @@ def test_a_variable_type_the_file_does_not_store_is_named():
   class Counter(nnx.Variable):
     pass
 
-  model = rjn.quantize(Other(nnx.Rngs(0)), rj.QuantRule(layers="all", weight=rj.TensorQuant(bits=1)))
+  model = rjn.quantize(OtherCNN(nnx.Rngs(0)), rj.QuantRule(layers="all", weight=rj.TensorQuant(bits=1)))
   model.seen = Counter(jnp.zeros(()))
   with pytest.raises(export.ExportError, match=r"seen \(Counter\).*stored are nnx.Param and nnx.BatchStat"):
     export.pack(None, model, input_shape=(8, 8, 1))

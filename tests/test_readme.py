@@ -28,6 +28,7 @@ def _env():
   return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed")
 def test_every_python_block_runs_as_written_in_order(tmp_path):
   blocks = _blocks("python")

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from nnx_state import OtherCNN
 from packed_raw import read_members, write_members
 
 import ricci_jax as rj
@@ -57,15 +58,6 @@ class SmallCNN(nnx.Module):
 
   def __call__(self, x):
     return self.head(self.bn(nnx.relu(self.conv(x))).mean((1, 2)))
-
-
-class Other(nnx.Module):
-  def __init__(self, rngs):
-    self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
-    self.head = nnx.Linear(4, 10, rngs=rngs)
-
-  def __call__(self, x):
-    return self.head(self.conv(x).mean((1, 2)))
 
 
 NNX_RULE = QuantRule(layers="all", weight=rj.TensorQuant(bits=1), act=rj.TensorQuant(bits=1, estimator="ste"))
@@ -184,7 +176,7 @@ def test_an_nnx_file_served_with_another_model_is_refused(nnx_cnn):
           r"\[batch_stats/bn/mean \(4,\) \(model: \(6,\)\)", inference.Predictor, path,
           model=SmallCNN(nnx.Rngs(0), features=6))
   _raises(export.PackedFileError, r"the packed model is a .*SmallCNN, model= is a .*Other", inference.Predictor, path,
-          model=Other(nnx.Rngs(0)))
+          model=OtherCNN(nnx.Rngs(0)))
   two_bit = rjn.quantize(SmallCNN(nnx.Rngs(0)), QuantRule(layers="all", weight=rj.TensorQuant(bits=2)))
   _raises(export.PackedFileError, r"model= is quantized otherwise than the packed model at \[conv, head\]",
           inference.Predictor, path, model=two_bit)

@@ -185,9 +185,8 @@ def restore_newest_intact(mgr: ocp.CheckpointManager, like: Any, *,
       problems.append(e)
       continue
     for problem, bad in zip(problems, steps):
-      log.warning("%s; skipped, resuming from step %d", problem, step)
-      if move_damaged:
-        _move_aside(pathlib.Path(mgr.directory), bad)
+      moved = f" (moved to {_move_aside(pathlib.Path(mgr.directory), bad)})" if move_damaged else ""
+      log.warning("%s; skipped%s, resuming from step %d", problem, moved, step)
     if problems:
       mgr.reload()
     return restored
@@ -197,11 +196,11 @@ def restore_newest_intact(mgr: ocp.CheckpointManager, like: Any, *,
   return None
 
 
-def _move_aside(directory: pathlib.Path, step: int) -> None:
+def _move_aside(directory: pathlib.Path, step: int) -> pathlib.Path:
   target = directory.parent / DAMAGED_DIR / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
   target.parent.mkdir(parents=True, exist_ok=True)
   (directory / str(step)).rename(target)
-  log.warning("moved the damaged checkpoint step %d to %s", step, target)
+  return target
 
 
 def load_checkpoint(workdir: str | pathlib.Path, step: int | None = None) -> dict:
