@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ricci_jax.layers import path_names
+
 Array = jax.Array
 
 
@@ -99,7 +101,7 @@ def layer_diagnostics(opt_state: Any) -> dict[str, LayerDiagnostics]:
     for path, leaf in flat:
       diag = as_layer_diagnostics(leaf)
       if diag is not None:
-        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        names = list(path_names(path))
         if names and names[-1] == "value":  # an NNX state's Variable (nnx.Optimizer with wrt=nnx.Param)
           names = names[:-1]
         out["/".join(names) or "params"] = diag

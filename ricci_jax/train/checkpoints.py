@@ -31,6 +31,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ricci_jax.layers import path_names  # names, the same for a TrainState and a raw restore's dicts
+
 DATA_ITERATOR = "data_iterator"
 """The checkpoint item holding the training input pipeline's Grain iterator state."""
 CHECKSUM = "checksum"
@@ -54,11 +56,6 @@ def manager(workdir: str | pathlib.Path, keep: int | None = None) -> ocp.Checkpo
   return ocp.CheckpointManager((pathlib.Path(workdir) / "checkpoints").absolute(), options=options)
 
 
-def _path_names(path) -> tuple[str, ...]:
-  # a leaf's path as names, the same for a TrainState and for the nested dicts a raw restore returns
-  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def fingerprint(state: Any, meta: dict, data_iterator: dict | None) -> str:
   """SHA-256 (hex) of a checkpoint's content: every array (path, dtype, shape, bytes), the meta, the iterator.
 
@@ -66,7 +63,7 @@ def fingerprint(state: Any, meta: dict, data_iterator: dict | None) -> str:
   of a raw restore give the same value) and of the order of dict keys.
   """
   h = hashlib.sha256()
-  leaves = sorted((_path_names(p), np.asarray(v)) for p, v in jax.tree_util.tree_leaves_with_path(state))
+  leaves = sorted((path_names(p), np.asarray(v)) for p, v in jax.tree_util.tree_leaves_with_path(state))
   for names, a in leaves:
     h.update(json.dumps([names, a.dtype.str, a.shape]).encode())
     h.update(np.ascontiguousarray(a).tobytes())
@@ -87,7 +84,7 @@ def nonfinite_leaf(tree: Any, reference: Any = None) -> str | None:
     if r is not None and not np.all(np.isfinite(np.asarray(r))):
       continue
     if np.issubdtype(a.dtype, np.inexact) and not np.all(np.isfinite(a)):
-      return "/".join(_path_names(path))
+      return "/".join(path_names(path))
   return None
 
 

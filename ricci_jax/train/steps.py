@@ -85,8 +85,8 @@ def _loss(program: Program, params, batch_stats, quant, images, labels, mask):
 
 
 def _named_leaves(prefix: str, tree) -> list[tuple[str, Array]]:
-  names = lambda path: "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)  # noqa: E731
-  return [(prefix + names(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
+  return [(prefix + "/".join(layers.path_names(path)), leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def _guarded(loss, grads, old: TrainState, new: TrainState) -> list[tuple[str, Array, Array | None]]:
