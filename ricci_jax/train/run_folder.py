@@ -36,6 +36,7 @@ from ricci_jax.train import builders, checkpoints, schema
 CONFIG_FILE = "config.json"
 RESUMES_FILE = "resumes.jsonl"
 
+
 class RunMismatchError(ValueError):
   """The config differs from the one the run in the folder was created with."""
 
@@ -52,17 +53,13 @@ def _flat(config: ml_collections.ConfigDict | Mapping) -> dict[str, Any]:
   return out
 
 
-def _resumes(workdir: pathlib.Path) -> list[dict]:
-  return reporting.read_jsonl(workdir / RESUMES_FILE)
-
-
 def effective_config(workdir: str | pathlib.Path) -> dict[str, Any] | None:
   """The run's config as dotted keys: ``config.json`` with the allowed changes of ``resumes.jsonl``; None if no run."""
   workdir = pathlib.Path(workdir)
   if not (workdir / CONFIG_FILE).is_file():
     return None
   flat = _flat(json.loads((workdir / CONFIG_FILE).read_text()))
-  for record in _resumes(workdir):
+  for record in reporting.read_jsonl(workdir / RESUMES_FILE):
     flat.update({k: new for k, (_, new) in record.get("changes", {}).items()})
   return flat
 
